@@ -1,0 +1,288 @@
+//! The migrations against a real PostgreSQL: each test gets a fresh database
+//! (`#[sqlx::test]`), migrated with the same embedded migrator production uses.
+
+use sqlx::{PgPool, Row};
+
+const INSERT: &str = "INSERT INTO sponsor_impressions
+    (impression_id, site_id, seq, video_id, video_filename, played_at, duration_played, video_duration,
+     completed, event_type, period, trigger_type, audience_estimate)
+    VALUES ($1, $2, $3, $4, $5, $6::timestamptz, $7, $8, $9, $10, $11, 'auto', $12)";
+
+#[allow(clippy::too_many_arguments)]
+async fn insert(
+    pool: &PgPool,
+    site: &str,
+    seq: i64,
+    file: &str,
+    at: &str,
+    played: f64,
+    completed: bool,
+    period: &str,
+    audience: i32,
+) -> Result<u64, sqlx::Error> {
+    let t = schema::parse_timestamp(at).unwrap();
+    let id = schema::derive_impression_id(site, file, t);
+    sqlx::query(INSERT)
+        .bind(id)
+        .bind(site)
+        .bind(seq)
+        .bind(None::<String>)
+        .bind(file)
+        .bind(at)
+        .bind(played)
+        .bind(30.0f64)
+        .bind(completed)
+        .bind("match")
+        .bind(period)
+        .bind(audience)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+}
+
+#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+async fn tables_partitions_functions_and_view_exist(pool: PgPool) {
+    for rel in [
+        "sites",
+        "sponsors",
+        "videos",
+        "sponsor_impressions",
+        "sponsor_impressions_default",
+        "impressions_rejected",
+        "sponsor_daily_stats",
+        "sponsor_analytics_summary",
+    ] {
+        let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(rel)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(found.as_deref(), Some(rel));
+    }
+    for f in [
+        "create_impression_partitions",
+        "drop_impression_partitions_older_than",
+        "calculate_sponsor_daily_stats",
+        "sponsor_of",
+    ] {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_proc WHERE proname = $1")
+            .bind(f)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{f}");
+    }
+    let parts: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = 'sponsor_impressions'::regclass")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(parts >= 15, "14 monthly partitions and the default, got {parts}");
+    let pk: String = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'sponsor_impressions_pkey'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(pk, "PRIMARY KEY (site_id, played_at, impression_id)");
+}
+
+#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+async fn replays_are_absorbed_and_constraints_hold(pool: PgPool) {
+    let at = "2026-11-20T10:00:00Z";
+    assert_eq!(
+        insert(&pool, "s1", 1, "a.mp4", at, 30.0, true, "loop", 10)
+            .await
+            .unwrap(),
+        1
+    );
+    let dup = insert(&pool, "s1", 1, "a.mp4", at, 30.0, true, "loop", 10)
+        .await
+        .unwrap_err();
+    assert_eq!(dup.as_database_error().unwrap().code().as_deref(), Some("23505"));
+    let bad_period = insert(&pool, "s1", 2, "b.mp4", at, 30.0, true, "intermission", 10)
+        .await
+        .unwrap_err();
+    assert_eq!(bad_period.as_database_error().unwrap().code().as_deref(), Some("23514"));
+    let bad_audience = insert(&pool, "s1", 3, "c.mp4", at, 30.0, true, "loop", -1)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_audience.as_database_error().unwrap().code().as_deref(),
+        Some("23514")
+    );
+    let bad_site = sqlx::query("INSERT INTO sites (site_id) VALUES ('a/b')")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert_eq!(bad_site.as_database_error().unwrap().code().as_deref(), Some("23514"));
+    sqlx::query("INSERT INTO sponsors VALUES ('x', 'X')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let bad_rule = sqlx::query("INSERT INTO videos (sponsor_id) VALUES ('x')")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_rule.as_database_error().unwrap().code().as_deref(),
+        Some("23514"),
+        "a rule needs video_id or pattern"
+    );
+}
+
+#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+async fn plays_from_any_date_land_and_partitions_move_them(pool: PgPool) {
+    insert(
+        &pool,
+        "s1",
+        1,
+        "old.mp4",
+        "2021-03-05T12:00:00Z",
+        10.0,
+        false,
+        "loop",
+        0,
+    )
+    .await
+    .unwrap();
+    let part: String = sqlx::query_scalar("SELECT tableoid::regclass::text FROM sponsor_impressions WHERE seq = 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(part, "sponsor_impressions_default");
+    let created: i32 = sqlx::query_scalar("SELECT create_impression_partitions('2021-03-01', 2)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(created, 2);
+    let again: i32 = sqlx::query_scalar("SELECT create_impression_partitions('2021-03-01', 2)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "idempotent");
+    let part: String = sqlx::query_scalar("SELECT tableoid::regclass::text FROM sponsor_impressions WHERE seq = 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(part, "sponsor_impressions_y2021m03");
+    let dropped: Vec<String> = sqlx::query_scalar("SELECT * FROM drop_impression_partitions_older_than('2 years')")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        dropped,
+        vec![
+            "sponsor_impressions_y2021m03".to_string(),
+            "sponsor_impressions_y2021m04".to_string()
+        ]
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sponsor_impressions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+async fn rollup_recompute_and_view_follow_the_catalogue(pool: PgPool) {
+    let day = "2026-11-20";
+    insert(
+        &pool,
+        "s1",
+        1,
+        "sponsor_coca_cola_30s.mp4",
+        "2026-11-20T10:00:00Z",
+        30.0,
+        true,
+        "halftime",
+        150,
+    )
+    .await
+    .unwrap();
+    insert(
+        &pool,
+        "s2",
+        1,
+        "sponsor_coca_cola_15s.mp4",
+        "2026-11-20T23:59:59.999Z",
+        12.5,
+        false,
+        "loop",
+        50,
+    )
+    .await
+    .unwrap();
+    insert(
+        &pool,
+        "s1",
+        2,
+        "sponsorXcocaXcola.mp4",
+        "2026-11-20T11:00:00Z",
+        30.0,
+        true,
+        "loop",
+        5,
+    )
+    .await
+    .unwrap();
+    insert(
+        &pool,
+        "s1",
+        3,
+        "sponsor_coca_cola_30s.mp4",
+        "2026-11-21T00:00:00Z",
+        30.0,
+        true,
+        "loop",
+        7,
+    )
+    .await
+    .unwrap();
+    let rows: i32 = sqlx::query_scalar("SELECT calculate_sponsor_daily_stats($1::date)")
+        .bind(day)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 3);
+    let again: i32 = sqlx::query_scalar("SELECT calculate_sponsor_daily_stats($1::date)")
+        .bind(day)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(again, 3, "recompute is idempotent");
+    let total: (i64, f64, i64, i64) = sqlx::query_as(
+        "SELECT sum(impressions)::bigint, sum(seconds_played), sum(completed_count)::bigint, sum(audience_sum)::bigint
+         FROM sponsor_daily_stats WHERE day = $1::date",
+    )
+    .bind(day)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(total, (3, 72.5, 2, 205));
+
+    sqlx::query("INSERT INTO sponsors VALUES ('coca-cola', 'Coca-Cola')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Before any rule, nothing is attributed.
+    let row = sqlx::query("SELECT total_impressions FROM sponsor_analytics_summary WHERE sponsor_id = 'coca-cola'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(row.get::<i64, _>(0), 0);
+    // A filename rule attributes past plays; `_` in the glob is literal.
+    sqlx::query("INSERT INTO videos (sponsor_id, filename_pattern) VALUES ('coca-cola', 'sponsor_coca_cola_*')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (n, secs, rate, sites): (i64, f64, f64, i64) = sqlx::query_as(
+        "SELECT total_impressions, screen_time_seconds, completion_rate, sites_reached
+         FROM sponsor_analytics_summary WHERE sponsor_id = 'coca-cola'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((n, secs, sites), (2, 42.5, 2));
+    assert!((rate - 0.5).abs() < 1e-9);
+}
