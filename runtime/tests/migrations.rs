@@ -286,3 +286,35 @@ async fn rollup_recompute_and_view_follow_the_catalogue(pool: PgPool) {
     assert_eq!((n, secs, sites), (2, 42.5, 2));
     assert!((rate - 0.5).abs() < 1e-9);
 }
+
+#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+async fn sequence_gaps_are_visible(pool: PgPool) {
+    for seq in [1, 2, 5, 6, 9] {
+        insert(
+            &pool,
+            "s1",
+            seq,
+            &format!("v{seq}.mp4"),
+            "2026-11-20T10:00:00Z",
+            1.0,
+            false,
+            "loop",
+            0,
+        )
+        .await
+        .unwrap();
+    }
+    // seq 7 was refused: it is accounted for in the dead-letter table.
+    sqlx::query(
+        "INSERT INTO impressions_rejected (source, site_id, seq, reason_code, reason, payload)
+         VALUES ('mqtt', 's1', 7, 'invalid_impression', 'test', '\\x00')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let gaps: Vec<(i64, i64, i64)> = sqlx::query_as("SELECT * FROM site_seq_gaps('s1')")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(gaps, vec![(3, 4, 2), (8, 8, 1)]);
+}
