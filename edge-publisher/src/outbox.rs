@@ -1,0 +1,946 @@
+//! The outbox: every impression the box accepted, on disk, until the centre
+//! confirms it is committed in PostgreSQL.
+//!
+//! # Why SQLite, and why one writer
+//!
+//! The seed rewrote a whole JSON file per POST and lost everything in the
+//! window between "received" and "file flushed". We need (a) nothing
+//! acknowledged to the TV before it is durable, (b) a burst of POSTs to cost
+//! one fsync rather than one each, (c) survival of `kill -9` and power loss at
+//! any instant, (d) a format an operator can open with `sqlite3`. SQLite in WAL
+//! mode with `synchronous=FULL` gives (a), (c) and (d); (b) is *group commit*:
+//! a single writer thread owns the only read-write connection, takes every
+//! command queued while the previous commit was running, executes them all in
+//! one transaction (each in its own savepoint, so one failure does not fail the
+//! others), commits (one fsync of the WAL), and only then answers each caller.
+//!
+//! # On-disk format (`{data_dir}/outbox.sqlite3`, plus `-wal` and `-shm`)
+//!
+//! ```sql
+//! meta(key TEXT PRIMARY KEY, value TEXT)
+//!   -- 'format' = '1'            layout version of this file
+//!   -- 'site_id'                 the site this outbox belongs to (checked at open)
+//!   -- 'outbox_id'               UUID made once at creation, echoed by receipts
+//!   -- 'next_seq'                next per-site sequence number to assign
+//!   -- 'last_receipt_at'         RFC 3339 time of the last receipt applied
+//! outbox(
+//!   seq           INTEGER PRIMARY KEY,   -- per-site seq, 1, 2, 3… never reused
+//!   impression_id BLOB NOT NULL UNIQUE,  -- 16-byte UUID
+//!   played_at     INTEGER NOT NULL,      -- Unix microseconds (UTC), indexed
+//!   enqueued_at   INTEGER NOT NULL,      -- Unix milliseconds when the box stored it
+//!   state         TEXT NOT NULL,         -- 'pending' | 'published'
+//!   batch_id      BLOB,                  -- envelope it was last published in
+//!   published_at  INTEGER,               -- Unix milliseconds of that publish
+//!   attempts      INTEGER NOT NULL,      -- how many times it was published
+//!   body          TEXT NOT NULL)         -- the schema::Impression JSON, seq included
+//! refused(id INTEGER PRIMARY KEY, received_at INTEGER, raw TEXT, reason TEXT)
+//! ```
+//!
+//! `confirmed` is not a stored state: the transaction that applies a receipt
+//! deletes the rows it settles, so "in the outbox" means "not yet confirmed".
+//!
+//! # Invariants
+//!
+//! 1. A row exists from the commit that acknowledged it to the commit that
+//!    applied a receipt naming its seq (committed or rejected by the centre).
+//!    Nothing else deletes a row: not a limit, not an error, not a restart.
+//! 2. `seq` values are assigned contiguously from `meta.next_seq` in the same
+//!    transaction as the insert, and never reused, even after the table empties
+//!    (the centre's `site_seq_gaps()` relies on this).
+//! 3. `impression_id` is unique: a retried POST of the same play is a no-op
+//!    while the first copy is still unconfirmed (after confirmation the
+//!    centre's unique key absorbs it).
+//! 4. `state = 'published'` is a hint, not a promise: at open every published
+//!    row goes back to `pending` (the MQTT client's in-flight state died with
+//!    the process), and so it does when the broker lost our session or a
+//!    receipt did not come within the timeout.
+//! 5. Receipts carry the `outbox_id`; a receipt for another outbox (a file that
+//!    was deleted and re-created, whose seqs restarted) is ignored.
+//! 6. The limits (rows, bytes) refuse *new* impressions (HTTP 507); the TV then
+//!    keeps them in its own buffer. They never evict stored ones.
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+use schema::{Impression, SeqRange};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot, Notify};
+use uuid::Uuid;
+
+/// File name of the outbox inside the data directory.
+pub const FILE_NAME: &str = "outbox.sqlite3";
+const FORMAT: &str = "1";
+/// Most refused records kept for the operator (oldest pruned first).
+const MAX_REFUSED_KEPT: i64 = 10_000;
+/// Most commands folded into one transaction.
+const MAX_GROUP: usize = 4096;
+
+/// Size limits and tuning of the outbox.
+#[derive(Clone, Debug)]
+pub struct OutboxConfig {
+    pub data_dir: PathBuf,
+    pub max_rows: u64,
+    pub max_bytes: u64,
+    /// Fraction of either limit above which the box warns.
+    pub warn_ratio: f64,
+    /// SQLite page cache of the writer connection, KiB.
+    pub cache_kib: u32,
+}
+
+impl OutboxConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            max_rows: 2_000_000,
+            max_bytes: 1 << 30,
+            warn_ratio: 0.8,
+            cache_kib: 2048,
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.data_dir.join(FILE_NAME)
+    }
+}
+
+/// Why an outbox operation failed; callers branch on [`OutboxError::Full`].
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox full: {rows} impressions / {bytes} bytes stored, limits {max_rows} / {max_bytes}")]
+    Full {
+        rows: u64,
+        bytes: u64,
+        max_rows: u64,
+        max_bytes: u64,
+    },
+    #[error("outbox is closed")]
+    Closed,
+    #[error("outbox storage error: {0}")]
+    Storage(String),
+}
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        OutboxError::Storage(e.to_string())
+    }
+}
+
+/// Result of one append.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AppendOutcome {
+    /// New rows stored.
+    pub inserted: u64,
+    /// Impressions already in the outbox (same `impression_id`).
+    pub duplicates: u64,
+    /// Unconfirmed impressions in the outbox after this append.
+    pub queued: u64,
+}
+
+/// One impression taken for publishing.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub seq: i64,
+    pub body: String,
+}
+
+/// A record the HTTP endpoint refused, kept for the operator.
+#[derive(Clone, Debug)]
+pub struct RefusedRecord {
+    pub raw: String,
+    pub reason: String,
+}
+
+/// Counters kept in memory (exact: only the writer thread changes the file).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Rows not yet confirmed by a receipt (pending + published).
+    pub unconfirmed: u64,
+    /// Of those, not currently published (never sent, or to be resent).
+    pub unsent: u64,
+    /// Total size of the stored impression JSON.
+    pub bytes: u64,
+}
+
+/// Statistics read from the file.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FileStats {
+    pub unconfirmed: u64,
+    pub unsent: u64,
+    pub published: u64,
+    pub bytes: u64,
+    pub oldest_played_at: Option<DateTime<Utc>>,
+    pub newest_played_at: Option<DateTime<Utc>>,
+    pub oldest_unconfirmed_enqueued_at: Option<DateTime<Utc>>,
+    pub last_receipt_at: Option<DateTime<Utc>>,
+    pub refused_kept: u64,
+    pub next_seq: i64,
+    pub site_id: String,
+    pub outbox_id: Uuid,
+}
+
+enum Cmd {
+    Append(Vec<Impression>, oneshot::Sender<Result<AppendOutcome, OutboxError>>),
+    Claim {
+        max_count: usize,
+        max_bytes: usize,
+        batch_id: Uuid,
+        reply: oneshot::Sender<Result<Vec<Claimed>, OutboxError>>,
+    },
+    Requeue(Option<Uuid>, oneshot::Sender<Result<u64, OutboxError>>),
+    Settle(Vec<SeqRange>, oneshot::Sender<Result<u64, OutboxError>>),
+    Refused(Vec<RefusedRecord>, oneshot::Sender<Result<u64, OutboxError>>),
+    Stats(oneshot::Sender<Result<FileStats, OutboxError>>),
+    Close(oneshot::Sender<()>),
+}
+
+struct Shared {
+    site_id: String,
+    outbox_id: Uuid,
+    cfg: OutboxConfig,
+    unconfirmed: AtomicU64,
+    unsent: AtomicU64,
+    bytes: AtomicU64,
+    near_full: AtomicBool,
+    /// Signalled when rows become pending (new, or requeued).
+    pending: Notify,
+}
+
+/// Handle to an open outbox; cheap to clone, usable from any task.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("site_id", &self.shared.site_id)
+            .field("outbox_id", &self.shared.outbox_id)
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+/// Opens (creating if needed) the SQLite file with our pragmas and schema.
+pub fn open_connection(path: &Path, cache_kib: u32) -> Result<Connection, OutboxError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "cache_size", -i64::from(cache_kib.max(64)))?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS outbox (
+             seq           INTEGER PRIMARY KEY,
+             impression_id BLOB NOT NULL UNIQUE,
+             played_at     INTEGER NOT NULL,
+             enqueued_at   INTEGER NOT NULL,
+             state         TEXT NOT NULL CHECK (state IN ('pending', 'published')),
+             batch_id      BLOB,
+             published_at  INTEGER,
+             attempts      INTEGER NOT NULL DEFAULT 0,
+             body          TEXT NOT NULL);
+         CREATE INDEX IF NOT EXISTS outbox_played_at ON outbox (played_at);
+         CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (seq) WHERE state = 'pending';
+         CREATE TABLE IF NOT EXISTS refused (
+             id          INTEGER PRIMARY KEY,
+             received_at INTEGER NOT NULL,
+             raw         TEXT NOT NULL,
+             reason      TEXT NOT NULL);",
+    )?;
+    Ok(conn)
+}
+
+fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, rusqlite::Error> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// Reads or initialises the identity of the outbox. `site_id = None` reads an
+/// existing file without claiming it (operator commands).
+fn identity(conn: &Connection, site_id: Option<&str>) -> Result<(String, Uuid), OutboxError> {
+    let stored_site = meta_get(conn, "site_id")?;
+    let site = match (stored_site, site_id) {
+        (Some(s), Some(want)) if s != want => {
+            return Err(OutboxError::Storage(format!(
+                "this outbox belongs to site '{s}', not '{want}'; move it aside (it may still hold unconfirmed impressions of '{s}')"
+            )))
+        }
+        (Some(s), _) => s,
+        (None, Some(want)) => {
+            meta_set(conn, "site_id", want)?;
+            want.to_owned()
+        }
+        (None, None) => return Err(OutboxError::Storage("outbox file has no site id (never used)".into())),
+    };
+    let outbox_id = match meta_get(conn, "outbox_id")? {
+        Some(s) => Uuid::parse_str(&s).map_err(|e| OutboxError::Storage(format!("bad outbox_id in meta: {e}")))?,
+        None => {
+            let id = Uuid::now_v7();
+            meta_set(conn, "outbox_id", &id.to_string())?;
+            meta_set(conn, "format", FORMAT)?;
+            meta_set(conn, "next_seq", "1")?;
+            id
+        }
+    };
+    if let Some(f) = meta_get(conn, "format")? {
+        if f != FORMAT {
+            return Err(OutboxError::Storage(format!(
+                "outbox format {f} is not supported by this build (format {FORMAT})"
+            )));
+        }
+    }
+    Ok((site, outbox_id))
+}
+
+fn next_seq(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    let meta: i64 = meta_get(conn, "next_seq")?.and_then(|s| s.parse().ok()).unwrap_or(1);
+    let max: Option<i64> = conn.query_row("SELECT MAX(seq) FROM outbox", [], |r| r.get(0))?;
+    Ok(meta.max(max.unwrap_or(0) + 1))
+}
+
+fn micros_to_time(us: i64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_micros(us).single()
+}
+
+fn millis_to_time(ms: i64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_millis_opt(ms).single()
+}
+
+/// Reads statistics from an open connection (used by the writer thread and by
+/// `neopro-edge status`, which opens the file itself while the service may run).
+pub fn file_stats(conn: &Connection) -> Result<FileStats, OutboxError> {
+    let (unconfirmed, unsent, bytes): (i64, i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(length(body)), 0) FROM outbox",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    stats_with_counts(
+        conn,
+        Counts {
+            unconfirmed: unconfirmed as u64,
+            unsent: unsent as u64,
+            bytes: bytes as u64,
+        },
+    )
+}
+
+/// Statistics whose counts are already known (only index lookups here).
+fn stats_with_counts(conn: &Connection, c: Counts) -> Result<FileStats, OutboxError> {
+    let (site_id, outbox_id) = identity(conn, None)?;
+    let (unconfirmed, unsent, bytes) = (c.unconfirmed as i64, c.unsent as i64, c.bytes as i64);
+    let oldest: Option<i64> = conn.query_row("SELECT MIN(played_at) FROM outbox", [], |r| r.get(0))?;
+    let newest: Option<i64> = conn.query_row("SELECT MAX(played_at) FROM outbox", [], |r| r.get(0))?;
+    let oldest_enq: Option<i64> = conn
+        .query_row("SELECT enqueued_at FROM outbox ORDER BY seq LIMIT 1", [], |r| r.get(0))
+        .optional()?;
+    let refused: i64 = conn.query_row("SELECT COUNT(*) FROM refused", [], |r| r.get(0))?;
+    let last_receipt_at = meta_get(conn, "last_receipt_at")?
+        .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+        .map(|t| t.with_timezone(&Utc));
+    Ok(FileStats {
+        unconfirmed: unconfirmed as u64,
+        unsent: unsent as u64,
+        published: (unconfirmed - unsent).max(0) as u64,
+        bytes: bytes as u64,
+        oldest_played_at: oldest.and_then(micros_to_time),
+        newest_played_at: newest.and_then(micros_to_time),
+        oldest_unconfirmed_enqueued_at: oldest_enq.and_then(millis_to_time),
+        last_receipt_at,
+        refused_kept: refused as u64,
+        next_seq: next_seq(conn)?,
+        site_id,
+        outbox_id,
+    })
+}
+
+/// One stored row, for `neopro-edge export`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportRow {
+    pub state: String,
+    pub attempts: i64,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub impression: Impression,
+}
+
+/// Streams every stored row in seq order to `f` (read-only; safe while the service runs).
+pub fn export_rows(
+    conn: &Connection,
+    mut f: impl FnMut(ExportRow) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let mut stmt =
+        conn.prepare("SELECT state, attempts, enqueued_at, published_at, body FROM outbox ORDER BY seq")?;
+    let mut rows = stmt.query([])?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        let body: String = r.get(4)?;
+        let impression: Impression = serde_json::from_str(&body)?;
+        f(ExportRow {
+            state: r.get(0)?,
+            attempts: r.get(1)?,
+            enqueued_at: r.get::<_, Option<i64>>(2)?.and_then(millis_to_time),
+            published_at: r.get::<_, Option<i64>>(3)?.and_then(millis_to_time),
+            impression,
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+impl Outbox {
+    /// Opens the outbox of `site_id` in `cfg.data_dir` (created if missing),
+    /// puts every published row back to pending, and starts the writer thread.
+    pub fn open(cfg: OutboxConfig, site_id: &str) -> Result<Outbox, OutboxError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| OutboxError::Storage(format!("creating {}: {e}", cfg.data_dir.display())))?;
+        let conn = open_connection(&cfg.path(), cfg.cache_kib)?;
+        let (site, outbox_id) = identity(&conn, Some(site_id))?;
+        let requeued = conn.execute(
+            "UPDATE outbox SET state = 'pending' WHERE state = 'published'",
+            [],
+        )?;
+        let (rows, unsent, bytes): (i64, i64, i64) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(length(body)), 0) FROM outbox",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let next = next_seq(&conn)?;
+        tracing::info!(
+            path = %cfg.path().display(), site_id = %site, %outbox_id, unconfirmed = rows, requeued, next_seq = next,
+            "outbox open"
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            site_id: site,
+            outbox_id,
+            cfg,
+            unconfirmed: AtomicU64::new(rows as u64),
+            unsent: AtomicU64::new(unsent as u64),
+            bytes: AtomicU64::new(bytes as u64),
+            near_full: AtomicBool::new(false),
+            pending: Notify::new(),
+        });
+        let writer = Writer {
+            conn,
+            shared: shared.clone(),
+            next_seq: next,
+        };
+        writer.publish_gauges();
+        std::thread::Builder::new()
+            .name(format!("outbox-{}", shared.site_id))
+            .stack_size(1 << 20)
+            .spawn(move || writer.run(rx))
+            .map_err(|e| OutboxError::Storage(format!("spawning the outbox writer: {e}")))?;
+        Ok(Outbox { shared, tx })
+    }
+
+    pub fn site_id(&self) -> &str {
+        &self.shared.site_id
+    }
+
+    pub fn outbox_id(&self) -> Uuid {
+        self.shared.outbox_id
+    }
+
+    pub fn config(&self) -> &OutboxConfig {
+        &self.shared.cfg
+    }
+
+    /// Current counts, from memory (no I/O).
+    pub fn counts(&self) -> Counts {
+        Counts {
+            unconfirmed: self.shared.unconfirmed.load(Ordering::Acquire),
+            unsent: self.shared.unsent.load(Ordering::Acquire),
+            bytes: self.shared.bytes.load(Ordering::Acquire),
+        }
+    }
+
+    /// Fill ratio against the tighter of the two limits.
+    pub fn fill_ratio(&self) -> f64 {
+        let c = self.counts();
+        fill(&self.shared.cfg, c.unconfirmed, c.bytes)
+    }
+
+    /// Whether the outbox is above the warning threshold.
+    pub fn near_full(&self) -> bool {
+        self.shared.near_full.load(Ordering::Acquire)
+    }
+
+    /// Resolves when rows may have become pending since the last call.
+    pub async fn pending_notified(&self) {
+        self.shared.pending.notified().await;
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Cmd) -> Result<T, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Stores impressions (their `site_id` must be this outbox's; any `seq`
+    /// they carry is replaced). Resolves once they are durable on disk.
+    pub async fn append(&self, impressions: Vec<Impression>) -> Result<AppendOutcome, OutboxError> {
+        if let Some(bad) = impressions.iter().find(|i| i.site_id != self.shared.site_id) {
+            return Err(OutboxError::Storage(format!(
+                "impression {} is of site '{}', this outbox is '{}'",
+                bad.impression_id, bad.site_id, self.shared.site_id
+            )));
+        }
+        if impressions.is_empty() {
+            return Ok(AppendOutcome {
+                queued: self.counts().unconfirmed,
+                ..Default::default()
+            });
+        }
+        self.call(|tx| Cmd::Append(impressions, tx)).await
+    }
+
+    /// Marks up to `max_count` pending rows (lowest seq first, at most
+    /// `max_bytes` of JSON, at least one) as published in `batch_id`.
+    pub async fn claim(&self, max_count: usize, max_bytes: usize, batch_id: Uuid) -> Result<Vec<Claimed>, OutboxError> {
+        self.call(|reply| Cmd::Claim {
+            max_count,
+            max_bytes,
+            batch_id,
+            reply,
+        })
+        .await
+    }
+
+    /// Puts the still-unconfirmed rows of `batch_id` (or of every batch) back to pending.
+    pub async fn requeue(&self, batch_id: Option<Uuid>) -> Result<u64, OutboxError> {
+        self.call(|tx| Cmd::Requeue(batch_id, tx)).await
+    }
+
+    /// Deletes the rows whose seqs a receipt settles; returns how many existed.
+    pub async fn settle(&self, ranges: Vec<SeqRange>) -> Result<u64, OutboxError> {
+        self.call(|tx| Cmd::Settle(ranges, tx)).await
+    }
+
+    /// Keeps refused records for the operator.
+    pub async fn store_refused(&self, records: Vec<RefusedRecord>) -> Result<u64, OutboxError> {
+        self.call(|tx| Cmd::Refused(records, tx)).await
+    }
+
+    /// Statistics read from the file through the writer.
+    pub async fn stats(&self) -> Result<FileStats, OutboxError> {
+        self.call(Cmd::Stats).await
+    }
+
+    /// Finishes queued commands, checkpoints the WAL and stops the writer.
+    /// Later calls on any clone fail with [`OutboxError::Closed`].
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn fill(cfg: &OutboxConfig, rows: u64, bytes: u64) -> f64 {
+    let r = rows as f64 / cfg.max_rows.max(1) as f64;
+    let b = bytes as f64 / cfg.max_bytes.max(1) as f64;
+    r.max(b)
+}
+
+/// What one command did, applied to the counters after the commit.
+#[derive(Default)]
+struct Delta {
+    rows: i64,
+    unsent: i64,
+    bytes: i64,
+    notify: bool,
+}
+
+enum Reply {
+    Append(oneshot::Sender<Result<AppendOutcome, OutboxError>>, Result<AppendOutcome, OutboxError>),
+    Claim(oneshot::Sender<Result<Vec<Claimed>, OutboxError>>, Result<Vec<Claimed>, OutboxError>),
+    Count(oneshot::Sender<Result<u64, OutboxError>>, Result<u64, OutboxError>),
+    Stats(oneshot::Sender<Result<FileStats, OutboxError>>, Result<FileStats, OutboxError>),
+}
+
+impl Reply {
+    fn fail(self, e: &str) {
+        match self {
+            Reply::Append(tx, _) => drop(tx.send(storage_err(e))),
+            Reply::Claim(tx, _) => drop(tx.send(storage_err(e))),
+            Reply::Count(tx, _) => drop(tx.send(storage_err(e))),
+            Reply::Stats(tx, _) => drop(tx.send(storage_err(e))),
+        }
+    }
+
+    fn send(self, queued: u64) {
+        match self {
+            Reply::Append(tx, r) => drop(tx.send(r.map(|mut o| {
+                o.queued = queued;
+                o
+            }))),
+            Reply::Claim(tx, r) => drop(tx.send(r)),
+            Reply::Count(tx, r) => drop(tx.send(r)),
+            Reply::Stats(tx, r) => drop(tx.send(r)),
+        }
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    next_seq: i64,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let site = self.shared.site_id.clone();
+        while let Some(first) = rx.blocking_recv() {
+            let mut cmds = vec![first];
+            while cmds.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut close = None;
+            let mut work = Vec::with_capacity(cmds.len());
+            for c in cmds {
+                match c {
+                    Cmd::Close(tx) => close = Some(tx),
+                    other => work.push(other),
+                }
+            }
+            if !work.is_empty() {
+                self.group(work);
+            }
+            if let Some(tx) = close {
+                // Drain whatever raced with the close, then stop.
+                let mut rest = Vec::new();
+                while let Ok(c) = rx.try_recv() {
+                    if !matches!(c, Cmd::Close(_)) {
+                        rest.push(c);
+                    }
+                }
+                if !rest.is_empty() {
+                    self.group(rest);
+                }
+                if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+                    tracing::warn!(error = %e, "outbox checkpoint at close failed");
+                }
+                tracing::info!(site_id = %site, "outbox closed");
+                let _ = tx.send(());
+                return;
+            }
+        }
+    }
+
+    /// Executes a group of commands in one transaction, then answers them.
+    fn group(&mut self, cmds: Vec<Cmd>) {
+        let started = Instant::now();
+        let n = cmds.len();
+        let seq_before = self.next_seq;
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = format!("begin: {e}");
+            for c in cmds {
+                fail_cmd(c, &msg);
+            }
+            return;
+        }
+        let mut replies = Vec::with_capacity(n);
+        let mut total = Delta::default();
+        let mut receipt = false;
+        for cmd in cmds {
+            let _ = self.conn.execute_batch("SAVEPOINT cmd");
+            let (reply, delta, ok) = self.exec(cmd, &total);
+            if ok {
+                let _ = self.conn.execute_batch("RELEASE cmd");
+                total.rows += delta.rows;
+                total.unsent += delta.unsent;
+                total.bytes += delta.bytes;
+                total.notify |= delta.notify;
+                receipt |= matches!(reply, Reply::Count(..)) && delta.rows < 0;
+            } else {
+                let _ = self.conn.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
+            }
+            replies.push(reply);
+        }
+        let mut commit = Ok(());
+        if self.next_seq != seq_before {
+            commit = meta_set(&self.conn, "next_seq", &self.next_seq.to_string());
+        }
+        if receipt && commit.is_ok() {
+            commit = meta_set(
+                &self.conn,
+                "last_receipt_at",
+                &Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            );
+        }
+        let commit = commit.and_then(|()| self.conn.execute_batch("COMMIT"));
+        if let Err(e) = commit {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.next_seq = seq_before;
+            tracing::error!(error = %e, "outbox commit failed; nothing of this group was acknowledged");
+            let msg = format!("commit: {e}");
+            for r in replies {
+                r.fail(&msg);
+            }
+            return;
+        }
+        let s = &self.shared;
+        let add = |a: &AtomicU64, d: i64| {
+            if d >= 0 {
+                a.fetch_add(d as u64, Ordering::AcqRel);
+            } else {
+                a.fetch_sub((-d) as u64, Ordering::AcqRel);
+            }
+        };
+        add(&s.unconfirmed, total.rows);
+        add(&s.unsent, total.unsent);
+        add(&s.bytes, total.bytes);
+        let queued = s.unconfirmed.load(Ordering::Acquire);
+        for r in replies {
+            r.send(queued);
+        }
+        if total.notify {
+            s.pending.notify_one();
+        }
+        metrics::histogram!("edge_outbox_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("edge_outbox_group_commands").record(n as f64);
+        self.publish_gauges();
+    }
+
+    fn publish_gauges(&self) {
+        let s = &self.shared;
+        let site = s.site_id.clone();
+        let rows = s.unconfirmed.load(Ordering::Acquire);
+        let bytes = s.bytes.load(Ordering::Acquire);
+        let ratio = fill(&s.cfg, rows, bytes);
+        metrics::gauge!("edge_outbox_unconfirmed", "site" => site.clone()).set(rows as f64);
+        metrics::gauge!("edge_outbox_unsent", "site" => site.clone()).set(s.unsent.load(Ordering::Acquire) as f64);
+        metrics::gauge!("edge_outbox_bytes", "site" => site.clone()).set(bytes as f64);
+        metrics::gauge!("edge_outbox_fill_ratio", "site" => site.clone()).set(ratio);
+        let near = ratio >= s.cfg.warn_ratio;
+        let was = s.near_full.swap(near, Ordering::AcqRel);
+        if near && !was {
+            tracing::warn!(
+                site_id = %site, unconfirmed = rows, bytes, max_rows = s.cfg.max_rows, max_bytes = s.cfg.max_bytes,
+                fill = format!("{:.0}%", ratio * 100.0),
+                "outbox is nearly full: the box has been unable to deliver for a long time; at the limit new impressions are refused (HTTP 507)"
+            );
+        } else if !near && was {
+            tracing::info!(site_id = %site, unconfirmed = rows, "outbox back below the warning threshold");
+        }
+    }
+
+    fn exec(&mut self, cmd: Cmd, so_far: &Delta) -> (Reply, Delta, bool) {
+        match cmd {
+            Cmd::Append(imps, tx) => match self.append(&imps, so_far) {
+                Ok((o, d)) => (Reply::Append(tx, Ok(o)), d, true),
+                Err(e) => (Reply::Append(tx, Err(e)), Delta::default(), false),
+            },
+            Cmd::Claim {
+                max_count,
+                max_bytes,
+                batch_id,
+                reply,
+            } => match self.claim(max_count, max_bytes, batch_id) {
+                Ok(v) => {
+                    let d = Delta {
+                        unsent: -(v.len() as i64),
+                        ..Default::default()
+                    };
+                    (Reply::Claim(reply, Ok(v)), d, true)
+                }
+                Err(e) => (Reply::Claim(reply, Err(e)), Delta::default(), false),
+            },
+            Cmd::Requeue(batch, tx) => {
+                let r = match batch {
+                    Some(b) => self.conn.execute(
+                        "UPDATE outbox SET state = 'pending' WHERE state = 'published' AND batch_id = ?1",
+                        [b.as_bytes().as_slice()],
+                    ),
+                    None => self
+                        .conn
+                        .execute("UPDATE outbox SET state = 'pending' WHERE state = 'published'", []),
+                };
+                match r {
+                    Ok(n) => (
+                        Reply::Count(tx, Ok(n as u64)),
+                        Delta {
+                            unsent: n as i64,
+                            notify: n > 0,
+                            ..Default::default()
+                        },
+                        true,
+                    ),
+                    Err(e) => (Reply::Count(tx, Err(e.into())), Delta::default(), false),
+                }
+            }
+            Cmd::Settle(ranges, tx) => match self.settle(&ranges) {
+                Ok((n, d)) => (Reply::Count(tx, Ok(n)), d, true),
+                Err(e) => (Reply::Count(tx, Err(e)), Delta::default(), false),
+            },
+            Cmd::Refused(recs, tx) => match self.refused(&recs) {
+                Ok(n) => (Reply::Count(tx, Ok(n)), Delta::default(), true),
+                Err(e) => (Reply::Count(tx, Err(e)), Delta::default(), false),
+            },
+            Cmd::Stats(tx) => {
+                let c = Counts {
+                    unconfirmed: (self.shared.unconfirmed.load(Ordering::Acquire) as i64 + so_far.rows) as u64,
+                    unsent: (self.shared.unsent.load(Ordering::Acquire) as i64 + so_far.unsent) as u64,
+                    bytes: (self.shared.bytes.load(Ordering::Acquire) as i64 + so_far.bytes) as u64,
+                };
+                (Reply::Stats(tx, stats_with_counts(&self.conn, c)), Delta::default(), true)
+            }
+            Cmd::Close(_) => unreachable!("filtered before"),
+        }
+    }
+
+    fn append(&mut self, imps: &[Impression], so_far: &Delta) -> Result<(AppendOutcome, Delta), OutboxError> {
+        let cfg = &self.shared.cfg;
+        let mut rows = (self.shared.unconfirmed.load(Ordering::Acquire) as i64 + so_far.rows) as u64;
+        let mut bytes = (self.shared.bytes.load(Ordering::Acquire) as i64 + so_far.bytes) as u64;
+        let start_seq = self.next_seq;
+        let now_ms = Utc::now().timestamp_millis();
+        let mut out = AppendOutcome::default();
+        let mut d = Delta::default();
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO outbox (seq, impression_id, played_at, enqueued_at, state, attempts, body)
+             VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5)",
+        )?;
+        let mut seq = start_seq;
+        for imp in imps {
+            let mut imp = imp.clone();
+            imp.seq = Some(seq);
+            let body = serde_json::to_string(&imp).map_err(|e| OutboxError::Storage(e.to_string()))?;
+            if rows + 1 > cfg.max_rows || bytes + body.len() as u64 > cfg.max_bytes {
+                metrics::counter!("edge_outbox_full_refusals_total").increment(1);
+                return Err(OutboxError::Full {
+                    rows,
+                    bytes,
+                    max_rows: cfg.max_rows,
+                    max_bytes: cfg.max_bytes,
+                });
+            }
+            let n = stmt.execute(params![
+                seq,
+                imp.impression_id.as_bytes().as_slice(),
+                imp.played_at.timestamp_micros(),
+                now_ms,
+                body
+            ])?;
+            if n == 1 {
+                seq += 1;
+                rows += 1;
+                bytes += body.len() as u64;
+                out.inserted += 1;
+                d.bytes += body.len() as i64;
+            } else {
+                out.duplicates += 1;
+            }
+        }
+        drop(stmt);
+        self.next_seq = seq;
+        d.rows = out.inserted as i64;
+        d.unsent = out.inserted as i64;
+        d.notify = out.inserted > 0;
+        metrics::counter!("edge_impressions_stored_total").increment(out.inserted);
+        metrics::counter!("edge_impressions_duplicate_total").increment(out.duplicates);
+        Ok((out, d))
+    }
+
+    fn claim(&mut self, max_count: usize, max_bytes: usize, batch_id: Uuid) -> Result<Vec<Claimed>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, body FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT ?1")?;
+        let mut rows = stmt.query([max_count.max(1) as i64])?;
+        let mut out: Vec<Claimed> = Vec::new();
+        let mut size = 0usize;
+        while let Some(r) = rows.next()? {
+            let body: String = r.get(1)?;
+            if !out.is_empty() && size + body.len() + 1 > max_bytes {
+                break;
+            }
+            size += body.len() + 1;
+            out.push(Claimed { seq: r.get(0)?, body });
+        }
+        drop(rows);
+        drop(stmt);
+        if let (Some(first), Some(last)) = (out.first(), out.last()) {
+            self.conn.execute(
+                "UPDATE outbox SET state = 'published', batch_id = ?1, published_at = ?2, attempts = attempts + 1
+                 WHERE state = 'pending' AND seq BETWEEN ?3 AND ?4",
+                params![batch_id.as_bytes().as_slice(), Utc::now().timestamp_millis(), first.seq, last.seq],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn settle(&mut self, ranges: &[SeqRange]) -> Result<(u64, Delta), OutboxError> {
+        let mut d = Delta::default();
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING state = 'pending', length(body)",
+        )?;
+        let mut n = 0u64;
+        for r in ranges {
+            let mut rows = stmt.query(params![r.first, r.last])?;
+            while let Some(row) = rows.next()? {
+                let pending: bool = row.get(0)?;
+                let len: i64 = row.get(1)?;
+                n += 1;
+                d.rows -= 1;
+                d.bytes -= len;
+                if pending {
+                    d.unsent -= 1;
+                }
+            }
+        }
+        if n == 0 {
+            // Nothing to delete: do not count it as a receipt applied to this file.
+            d.rows = 0;
+        }
+        Ok((n, d))
+    }
+
+    fn refused(&mut self, recs: &[RefusedRecord]) -> Result<u64, OutboxError> {
+        let now = Utc::now().timestamp_millis();
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT INTO refused (received_at, raw, reason) VALUES (?1, ?2, ?3)")?;
+        for r in recs {
+            stmt.execute(params![now, r.raw, r.reason])?;
+        }
+        drop(stmt);
+        self.conn.execute(
+            "DELETE FROM refused WHERE id <= (SELECT MAX(id) FROM refused) - ?1",
+            [MAX_REFUSED_KEPT],
+        )?;
+        Ok(recs.len() as u64)
+    }
+}
+
+fn fail_cmd(c: Cmd, msg: &str) {
+    let e = msg;
+    match c {
+        Cmd::Append(_, tx) => drop(tx.send(storage_err(e))),
+        Cmd::Claim { reply, .. } => drop(reply.send(storage_err(e))),
+        Cmd::Requeue(_, tx) | Cmd::Settle(_, tx) | Cmd::Refused(_, tx) => drop(tx.send(storage_err(e))),
+        Cmd::Stats(tx) => drop(tx.send(storage_err(e))),
+        Cmd::Close(tx) => drop(tx.send(())),
+    }
+}
+
+fn storage_err<T>(msg: &str) -> Result<T, OutboxError> {
+    Err(OutboxError::Storage(msg.to_owned()))
+}

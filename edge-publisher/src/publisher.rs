@@ -1,0 +1,513 @@
+//! The publisher: outbox → MQTT envelopes, receipts → outbox deletions.
+//!
+//! A broker PUBACK proves nothing about the database (rumqttd and Mosquitto
+//! both drop messages for lagging or offline subscribers after the PUBACK),
+//! so an impression leaves the outbox only when the ingestor's [`Receipt`]
+//! (published after its PostgreSQL commit) names its seq. Everything else is
+//! about resending without ever needing to be exact:
+//!
+//! * a batch with no receipt within `receipt_timeout_ms` goes back to pending
+//!   and is published again under a new batch id (same impression ids and
+//!   seqs; the centre's unique key absorbs the duplicate and still answers);
+//! * a ConnAck with `session_present = false` means the broker forgot us
+//!   (restart without persistence, expiry): rumqttc silently dropped its queue,
+//!   so every published-but-unconfirmed row goes back to pending, and the
+//!   receipts subscription is made again (it is made on every ConnAck anyway);
+//! * a process restart does the same (the outbox requeues at open).
+//!
+//! Two tasks: one only polls the rumqttc event loop (it must never block), the
+//! other owns the publishing state and talks to the outbox. Receipts are acked
+//! manually, in arrival order, after they were applied, so a crash between
+//! the two makes the broker redeliver the receipt rather than lose it.
+
+use chrono::{Datelike, Utc};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, Publish, QoS};
+use schema::{BatchEnvelope, Receipt, SeqRange, SiteStatus, Topics, PAYLOAD_VERSION};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::outbox::{Claimed, Outbox};
+use crate::settings::Settings;
+
+/// Bytes reserved for the envelope header when sizing a batch.
+const ENVELOPE_OVERHEAD: usize = 512;
+
+/// Broker-side state, shared with the HTTP stats endpoint.
+#[derive(Debug, Default)]
+pub struct BrokerHealth {
+    connected: AtomicBool,
+    connects: AtomicU64,
+    sessions_lost: AtomicU64,
+    last_receipt_ms: AtomicI64,
+    last_change_ms: AtomicI64,
+    last_error: Mutex<Option<String>>,
+    published_batches: AtomicU64,
+    republished_batches: AtomicU64,
+    receipts: AtomicU64,
+}
+
+/// A snapshot of [`BrokerHealth`] for the stats endpoint.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerSnapshot {
+    pub connected: bool,
+    pub url: String,
+    pub connects: u64,
+    pub sessions_lost: u64,
+    pub since: Option<chrono::DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_receipt_at: Option<chrono::DateTime<Utc>>,
+    pub published_batches: u64,
+    pub republished_batches: u64,
+    pub receipts: u64,
+}
+
+impl BrokerHealth {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn snapshot(&self, url: String) -> BrokerSnapshot {
+        let ms = |a: &AtomicI64| {
+            let v = a.load(Ordering::Acquire);
+            (v > 0).then(|| chrono::TimeZone::timestamp_millis_opt(&Utc, v).single()).flatten()
+        };
+        BrokerSnapshot {
+            connected: self.connected(),
+            url,
+            connects: self.connects.load(Ordering::Acquire),
+            sessions_lost: self.sessions_lost.load(Ordering::Acquire),
+            since: ms(&self.last_change_ms),
+            last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
+            last_receipt_at: ms(&self.last_receipt_ms),
+            published_batches: self.published_batches.load(Ordering::Acquire),
+            republished_batches: self.republished_batches.load(Ordering::Acquire),
+            receipts: self.receipts.load(Ordering::Acquire),
+        }
+    }
+
+    fn set_connected(&self, c: bool) {
+        self.connected.store(c, Ordering::Release);
+        self.last_change_ms.store(Utc::now().timestamp_millis(), Ordering::Release);
+    }
+}
+
+/// Whether the system clock can be trusted for `played_at`: a Pi has no RTC
+/// and boots in the past until NTP syncs. Honest and simple: the year must be
+/// at least 2020, and when systemd-timesyncd is in use
+/// (`/run/systemd/timesync` exists) its `synchronized` flag file must exist.
+pub fn clock_synced() -> bool {
+    let year_ok = Utc::now().year() >= 2020;
+    let dir = std::path::Path::new("/run/systemd/timesync");
+    if dir.is_dir() {
+        year_ok && dir.join("synchronized").exists()
+    } else {
+        year_ok
+    }
+}
+
+enum IoEvent {
+    ConnAck { session_present: bool },
+    Message(Publish),
+    Disconnected,
+}
+
+struct InFlight {
+    published: Instant,
+    count: usize,
+}
+
+/// The publishing half of an edge.
+pub struct Publisher {
+    settings: Settings,
+    outbox: Outbox,
+    health: Arc<BrokerHealth>,
+    topics: Topics,
+}
+
+impl Publisher {
+    pub fn new(settings: Settings, outbox: Outbox, health: Arc<BrokerHealth>) -> anyhow::Result<Self> {
+        let topics = Topics::new(settings.topic_prefix.clone()).map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            settings,
+            outbox,
+            health,
+            topics,
+        })
+    }
+
+    fn status(&self, online: bool) -> SiteStatus {
+        let c = self.outbox.counts();
+        SiteStatus {
+            v: PAYLOAD_VERSION,
+            site_id: self.settings.site_id.clone(),
+            online,
+            queue_depth: c.unconfirmed,
+            unsent: c.unsent,
+            oldest_unconfirmed_age_s: None,
+            version: crate::VERSION.to_owned(),
+            clock_synced: clock_synced(),
+            at: Utc::now(),
+        }
+    }
+
+    async fn status_with_age(&self, online: bool) -> SiteStatus {
+        let mut s = self.status(online);
+        if s.queue_depth > 0 {
+            if let Ok(st) = self.outbox.stats().await {
+                s.oldest_unconfirmed_age_s = st
+                    .oldest_unconfirmed_enqueued_at
+                    .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
+            }
+        }
+        s
+    }
+
+    /// Runs until `shutdown`; then publishes an offline status and disconnects.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let s = &self.settings;
+        let mut copts = runtime::mqtt::ClientOptions::new(s.client_id());
+        copts.clean_session = false;
+        copts.manual_acks = true;
+        copts.keep_alive = Duration::from_secs(s.keep_alive_s.max(5));
+        copts.inflight = (s.max_inflight_batches as u16).saturating_add(16).max(20);
+        copts.request_channel_capacity = s.max_inflight_batches.saturating_mul(2).max(64);
+        let mut opts = s.mqtt_url.options(&copts)?;
+        let status_topic = self.topics.status(&s.site_id);
+        opts.set_last_will(LastWill::new(
+            status_topic.clone(),
+            SiteStatus::offline(&s.site_id, crate::VERSION, Utc::now()).encode(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let (client, eventloop) = AsyncClient::new(opts, copts.request_channel_capacity);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let io_stop = CancellationToken::new();
+        let io = tokio::spawn(io_loop(
+            eventloop,
+            tx,
+            io_stop.clone(),
+            Duration::from_millis(s.reconnect_min_ms.max(10)),
+            Duration::from_millis(s.reconnect_max_ms.max(s.reconnect_min_ms.max(10))),
+            self.health.clone(),
+            s.mqtt_url.to_string(),
+        ));
+
+        let impressions_topic = self.topics.impressions(&s.site_id);
+        let receipts_topic = self.topics.receipts(&s.site_id);
+        let delay = s.batch_delay();
+        let timeout = s.receipt_timeout();
+        let mut inflight: HashMap<Uuid, InFlight> = HashMap::new();
+        let mut connected = false;
+        let mut due_at: Option<Instant> = None;
+        let mut stalled = false;
+        let mut status_tick = tokio::time::interval(Duration::from_millis(s.status_interval_ms.max(1000)));
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check_tick = tokio::time::interval((timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
+        check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            // Publish what is due, within the in-flight bound.
+            let unsent = self.outbox.counts().unsent;
+            if unsent == 0 {
+                due_at = None;
+            } else if due_at.is_none() {
+                due_at = Some(Instant::now() + delay);
+            }
+            if connected && !stalled && inflight.len() < s.max_inflight_batches && unsent > 0 {
+                let full = unsent >= s.batch_max_impressions as u64;
+                if full || due_at.is_some_and(|d| Instant::now() >= d) {
+                    match self.publish_batch(&client, &impressions_topic).await {
+                        Ok(Some((id, n))) => {
+                            inflight.insert(
+                                id,
+                                InFlight {
+                                    published: Instant::now(),
+                                    count: n,
+                                },
+                            );
+                        }
+                        Ok(None) => stalled = true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "publishing a batch failed");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    continue;
+                }
+            }
+            let wake = match due_at {
+                _ if stalled => Instant::now() + Duration::from_secs(1),
+                Some(d) if connected && inflight.len() < s.max_inflight_batches => d,
+                _ => Instant::now() + Duration::from_secs(3600),
+            };
+            stalled = false;
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                ev = rx.recv() => match ev {
+                    None => break,
+                    Some(IoEvent::ConnAck { session_present }) => {
+                        connected = true;
+                        if let Err(e) = client.subscribe(receipts_topic.clone(), QoS::AtLeastOnce).await {
+                            tracing::warn!(error = %e, "subscribing to receipts failed");
+                        }
+                        if session_present {
+                            let now = Instant::now();
+                            for b in inflight.values_mut() {
+                                b.published = now;
+                            }
+                        } else {
+                            inflight.clear();
+                            match self.outbox.requeue(None).await {
+                                Ok(n) if n > 0 => {
+                                    self.health.sessions_lost.fetch_add(1, Ordering::AcqRel);
+                                    tracing::warn!(requeued = n, "broker has no session for us: unconfirmed impressions will be published again");
+                                }
+                                Ok(_) => {}
+                                Err(e) => tracing::error!(error = %e, "requeue after session loss failed"),
+                            }
+                        }
+                        let st = self.status_with_age(true).await;
+                        let _ = client.publish(status_topic.clone(), QoS::AtLeastOnce, true, st.encode()).await;
+                    }
+                    Some(IoEvent::Disconnected) => connected = false,
+                    Some(IoEvent::Message(p)) => {
+                        if p.topic == receipts_topic {
+                            self.apply_receipt(&p.payload, &mut inflight).await;
+                        } else {
+                            tracing::debug!(topic = %p.topic, "ignoring message on an unexpected topic");
+                        }
+                        if let Err(e) = client.ack(&p).await {
+                            tracing::debug!(error = %e, "ack failed");
+                        }
+                    }
+                },
+                () = self.outbox.pending_notified() => {}
+                () = tokio::time::sleep_until(wake) => {}
+                _ = status_tick.tick() => {
+                    if connected {
+                        let st = self.status_with_age(true).await;
+                        let _ = client.publish(status_topic.clone(), QoS::AtLeastOnce, true, st.encode()).await;
+                    }
+                }
+                _ = check_tick.tick() => {
+                    if connected {
+                        let now = Instant::now();
+                        let expired: Vec<Uuid> = inflight
+                            .iter()
+                            .filter(|(_, b)| now.duration_since(b.published) >= timeout)
+                            .map(|(id, _)| *id)
+                            .collect();
+                        for id in expired {
+                            let b = inflight.remove(&id);
+                            match self.outbox.requeue(Some(id)).await {
+                                Ok(n) => {
+                                    if n > 0 {
+                                        self.health.republished_batches.fetch_add(1, Ordering::AcqRel);
+                                        metrics::counter!("edge_batches_receipt_timeout_total").increment(1);
+                                        tracing::info!(batch_id = %id, impressions = n, of = b.map(|b| b.count).unwrap_or(0), "no receipt in time: republishing");
+                                    }
+                                }
+                                Err(e) => tracing::error!(error = %e, "requeue failed"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // Graceful stop: tell the world we are offline (the will only fires on
+        // an unclean disconnect), then disconnect.
+        if connected {
+            let st = self.status(false);
+            let _ = client.publish(status_topic, QoS::AtLeastOnce, true, st.encode()).await;
+            let _ = client.disconnect().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(3), async {
+            while let Some(ev) = rx.recv().await {
+                if matches!(ev, IoEvent::Disconnected) {
+                    break;
+                }
+            }
+        })
+        .await
+        .is_err()
+        {
+            tracing::debug!("MQTT disconnect did not complete in 3 s");
+        }
+        io_stop.cancel();
+        let _ = io.await;
+        self.health.set_connected(false);
+        Ok(())
+    }
+
+    async fn publish_batch(&self, client: &AsyncClient, topic: &str) -> anyhow::Result<Option<(Uuid, usize)>> {
+        let s = &self.settings;
+        let batch_id = Uuid::now_v7();
+        let max_bytes = s.batch_max_bytes.saturating_sub(ENVELOPE_OVERHEAD).max(1024);
+        let claimed = self.outbox.claim(s.batch_max_impressions, max_bytes, batch_id).await?;
+        if claimed.is_empty() {
+            return Ok(None);
+        }
+        let payload = encode_envelope(&s.site_id, self.outbox.outbox_id(), batch_id, &claimed);
+        let n = claimed.len();
+        if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
+            self.outbox.requeue(Some(batch_id)).await?;
+            anyhow::bail!("MQTT client closed: {e}");
+        }
+        self.health.published_batches.fetch_add(1, Ordering::AcqRel);
+        metrics::counter!("edge_batches_published_total").increment(1);
+        metrics::counter!("edge_impressions_published_total").increment(n as u64);
+        tracing::debug!(%batch_id, impressions = n, "batch published");
+        Ok(Some((batch_id, n)))
+    }
+
+    async fn apply_receipt(&self, payload: &[u8], inflight: &mut HashMap<Uuid, InFlight>) {
+        let r = match Receipt::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable receipt ignored");
+                metrics::counter!("edge_receipts_ignored_total", "reason" => "unreadable").increment(1);
+                return;
+            }
+        };
+        if r.outbox_id != self.outbox.outbox_id() || r.site_id != self.settings.site_id {
+            tracing::info!(outbox_id = %r.outbox_id, batch_id = %r.batch_id, "receipt for another outbox ignored");
+            metrics::counter!("edge_receipts_ignored_total", "reason" => "other_outbox").increment(1);
+            return;
+        }
+        let mut ranges = r.committed.clone();
+        for rej in &r.rejected {
+            tracing::warn!(seq = ?rej.seq, impression_id = ?rej.impression_id, reason = %rej.reason, "the centre refused an impression (kept in its dead-letter table)");
+            if let Some(seq) = rej.seq {
+                ranges.push(SeqRange { first: seq, last: seq });
+            }
+        }
+        if let Some(rr) = r.rejected_range {
+            tracing::warn!(first = rr.first, last = rr.last, batch_id = %r.batch_id, "the centre refused a whole envelope (kept in its dead-letter table)");
+            ranges.push(rr);
+        }
+        match self.outbox.settle(ranges).await {
+            Ok(n) => {
+                inflight.remove(&r.batch_id);
+                self.health.receipts.fetch_add(1, Ordering::AcqRel);
+                self.health
+                    .last_receipt_ms
+                    .store(Utc::now().timestamp_millis(), Ordering::Release);
+                metrics::counter!("edge_receipts_total").increment(1);
+                metrics::counter!("edge_impressions_confirmed_total").increment(n);
+                tracing::debug!(batch_id = %r.batch_id, confirmed = n, inserted = r.inserted, duplicates = r.duplicates, "receipt applied");
+            }
+            // The batch stays in flight: its timeout republishes it and a new receipt follows.
+            Err(e) => tracing::error!(error = %e, batch_id = %r.batch_id, "applying a receipt failed"),
+        }
+    }
+}
+
+/// Builds the JSON of a [`BatchEnvelope`] around already-serialised
+/// impressions (the outbox stores each as the exact JSON the envelope needs),
+/// without parsing them again.
+pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: &[Claimed]) -> Vec<u8> {
+    let first = claimed.iter().map(|c| c.seq).min().unwrap_or(0);
+    let last = claimed.iter().map(|c| c.seq).max().unwrap_or(0);
+    let shell = BatchEnvelope {
+        v: PAYLOAD_VERSION,
+        site_id: site_id.to_owned(),
+        outbox_id,
+        batch_id,
+        seq: SeqRange { first, last },
+        sent_at: Utc::now(),
+        impressions: Vec::new(),
+    };
+    let head = shell.encode();
+    const TAIL: &[u8] = b"\"impressions\":[]}";
+    let body_len: usize = claimed.iter().map(|c| c.body.len() + 1).sum();
+    let mut out = Vec::with_capacity(head.len() + body_len + 2);
+    if head.ends_with(TAIL) {
+        out.extend_from_slice(&head[..head.len() - 2]);
+        for (i, c) in claimed.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(c.body.as_bytes());
+        }
+        out.extend_from_slice(b"]}");
+        out
+    } else {
+        // Field order changed in the schema: fall back to a full serialisation.
+        let mut env = shell;
+        env.impressions = claimed
+            .iter()
+            .filter_map(|c| serde_json::from_str(&c.body).ok())
+            .collect();
+        env.encode()
+    }
+}
+
+async fn io_loop(
+    mut eventloop: EventLoop,
+    tx: mpsc::UnboundedSender<IoEvent>,
+    stop: CancellationToken,
+    min: Duration,
+    max: Duration,
+    health: Arc<BrokerHealth>,
+    url: String,
+) {
+    let mut backoff = runtime::backoff(min, max);
+    let mut was_connected = false;
+    loop {
+        let ev = tokio::select! {
+            () = stop.cancelled() => return,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                backoff = runtime::backoff(min, max);
+                health.set_connected(true);
+                health.connects.fetch_add(1, Ordering::AcqRel);
+                metrics::gauge!("edge_broker_connected").set(1.0);
+                tracing::info!(broker = %url, session_present = c.session_present, "connected to the broker");
+                was_connected = true;
+                let _ = tx.send(IoEvent::ConnAck {
+                    session_present: c.session_present,
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let _ = tx.send(IoEvent::Message(p));
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                health.set_connected(false);
+                let _ = tx.send(IoEvent::Disconnected);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let msg = e.to_string();
+                if was_connected {
+                    tracing::warn!(broker = %url, error = %msg, "broker connection lost");
+                } else {
+                    tracing::debug!(broker = %url, error = %msg, "broker connection failed");
+                }
+                was_connected = false;
+                health.set_connected(false);
+                metrics::gauge!("edge_broker_connected").set(0.0);
+                if let Ok(mut g) = health.last_error.lock() {
+                    *g = Some(msg.clone());
+                }
+                let _ = tx.send(IoEvent::Disconnected);
+                let wait = backoff.next().unwrap_or(max);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
