@@ -1,0 +1,236 @@
+//! Settings: defaults < `--config FILE` (TOML) < `NEOPRO_INGESTOR__*`
+//! environment variables < the named environment variables and flags
+//! (`DATABASE_URL`, `NEOPRO_MQTT_URL`, `NEOPRO_HTTP_ADDR`, ...).
+//!
+//! Every field has a default so that `neopro-ingestor` runs with no
+//! configuration on a machine of our kind.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use runtime::mqtt::MqttUrl;
+use runtime::telemetry::LogFormat;
+use serde::Deserialize;
+
+/// Environment prefix for keys without a dedicated variable
+/// (`NEOPRO_INGESTOR__BATCH_MAX_MESSAGES=32`).
+pub const ENV_PREFIX: &str = "NEOPRO_INGESTOR";
+
+/// The ingestor's settings. Build with [`Settings::default`] and adjust (tests,
+/// the simulator) or load with [`Cli::load`] (the binary).
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// PostgreSQL URL. The password is never logged (see the `Debug` impl).
+    pub database_url: String,
+    /// Broker URL (`mqtt://user:pass@host:port`, `mqtts://` for TLS).
+    pub mqtt_url: MqttUrl,
+    /// HTTP listen address (`/healthz`, `/readyz`, `/metrics`, the legacy API).
+    pub http_addr: SocketAddr,
+    pub log_format: LogFormat,
+    /// MQTT client id: fixed, so the broker keeps our session across restarts.
+    /// With the embedded broker's auth it must be the username or `<username>:<suffix>`.
+    pub client_id: String,
+    /// Topic prefix: we subscribe `{prefix}/sites/+/impressions`.
+    pub topic_prefix: String,
+    pub mqtt_keep_alive_secs: u64,
+    /// Largest MQTT packet accepted from the broker. Above the envelope limit
+    /// on purpose: an oversized envelope is dead-lettered, not a broken connection.
+    pub max_incoming_packet_bytes: usize,
+    /// Largest envelope accepted; larger ones are dead-lettered (`oversized`).
+    pub max_envelope_bytes: usize,
+    /// A batch is sealed at this many messages...
+    pub batch_max_messages: usize,
+    /// ...or this many impressions...
+    pub batch_max_rows: usize,
+    /// ...or when its oldest message is this old (milliseconds). An idle
+    /// pipeline seals at once, so low load adds no latency.
+    pub batch_max_age_ms: u64,
+    /// Batches committing concurrently (one database connection each).
+    pub writers: usize,
+    /// Backoff between database retries.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+    /// Apply migrations at start.
+    pub migrate: bool,
+    /// Monthly partitions created ahead (at start and daily).
+    pub partitions_ahead_months: i32,
+    /// Largest HTTP body accepted by `POST /api/analytics/impressions` (413 above).
+    pub http_body_limit_bytes: usize,
+    /// Seconds allowed for the drain at shutdown.
+    pub drain_deadline_secs: u64,
+    /// Run the MQTT pipeline (off: HTTP endpoint only).
+    pub mqtt_enabled: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            database_url: runtime::db::DEFAULT_DATABASE_URL.to_owned(),
+            mqtt_url: "mqtt://127.0.0.1:1883".parse().expect("static URL"),
+            http_addr: "0.0.0.0:8080".parse().expect("static address"),
+            log_format: LogFormat::Human,
+            client_id: "ingestor".into(),
+            topic_prefix: schema::mqtt::DEFAULT_PREFIX.into(),
+            mqtt_keep_alive_secs: 30,
+            max_incoming_packet_bytes: 16 * 1024 * 1024,
+            max_envelope_bytes: schema::mqtt::DEFAULT_MAX_ENVELOPE_BYTES,
+            batch_max_messages: 64,
+            batch_max_rows: 20_000,
+            batch_max_age_ms: 50,
+            writers: 3,
+            retry_min_ms: 100,
+            retry_max_ms: 10_000,
+            migrate: true,
+            partitions_ahead_months: 3,
+            http_body_limit_bytes: 16 * 1024 * 1024,
+            drain_deadline_secs: 20,
+            mqtt_enabled: true,
+        }
+    }
+}
+
+/// `neopro-ingestor`: MQTT impression envelopes (and the seed's HTTP
+/// endpoint) into PostgreSQL, every impression exactly once, with receipts.
+#[derive(Debug, Parser)]
+#[command(name = "neopro-ingestor", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Run,
+    /// Apply the database migrations and create partitions ahead, then exit.
+    Migrate,
+    /// Benchmark: publish N impressions through a broker, measure committed
+    /// rows/s and commit latency, compare with a raw COPY of the same rows.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Flags shared by every subcommand.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// TOML settings file (every key of the settings; see README).
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL URL [default: postgres://postgres@127.0.0.1:5432/neopro].
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Broker URL, mqtt://user:pass@host:port or mqtts://... [default: mqtt://127.0.0.1:1883].
+    #[arg(long, global = true, env = "NEOPRO_MQTT_URL", hide_env_values = true)]
+    pub mqtt_url: Option<String>,
+    /// HTTP listen address [default: 0.0.0.0:8080].
+    #[arg(long, global = true, env = "NEOPRO_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// Log format: human|json [default: human].
+    #[arg(long, global = true, env = "NEOPRO_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// MQTT client id (fixed: the broker keeps our persistent session) [default: ingestor].
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_CLIENT_ID")]
+    pub client_id: Option<String>,
+    /// Topic prefix; subscribes {prefix}/sites/+/impressions [default: neopro].
+    #[arg(long, global = true, env = "NEOPRO_TOPIC_PREFIX")]
+    pub topic_prefix: Option<String>,
+    /// Seal a batch at this many messages [default: 64].
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_BATCH_MAX_MESSAGES")]
+    pub batch_max_messages: Option<usize>,
+    /// Seal a batch at this many impressions [default: 20000].
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_BATCH_MAX_ROWS")]
+    pub batch_max_rows: Option<usize>,
+    /// Seal a batch when its oldest message is this old, in ms [default: 50].
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_BATCH_MAX_AGE_MS")]
+    pub batch_max_age_ms: Option<u64>,
+    /// Batches committing concurrently, one DB connection each [default: 3].
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_WRITERS")]
+    pub writers: Option<usize>,
+    /// Largest envelope accepted in bytes; larger ones are dead-lettered [default: 262144].
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_MAX_ENVELOPE_BYTES")]
+    pub max_envelope_bytes: Option<usize>,
+    /// Seconds allowed to drain at shutdown [default: 20].
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_DRAIN_DEADLINE_SECS")]
+    pub drain_deadline_secs: Option<u64>,
+    /// Do not apply migrations at start.
+    #[arg(long, global = true)]
+    pub no_migrate: bool,
+}
+
+impl Cli {
+    /// Settings from the file, `NEOPRO_INGESTOR__*` variables, and flags.
+    pub fn load(&self) -> anyhow::Result<Settings> {
+        let c = &self.common;
+        let s = |v: &Option<usize>| v.map(|x| x.to_string());
+        let overrides: Vec<(&str, Option<String>)> = vec![
+            ("database_url", c.database_url.clone()),
+            ("mqtt_url", c.mqtt_url.clone()),
+            ("http_addr", c.http_addr.clone()),
+            ("log_format", c.log_format.clone()),
+            ("client_id", c.client_id.clone()),
+            ("topic_prefix", c.topic_prefix.clone()),
+            ("batch_max_messages", s(&c.batch_max_messages)),
+            ("batch_max_rows", s(&c.batch_max_rows)),
+            ("batch_max_age_ms", c.batch_max_age_ms.map(|x| x.to_string())),
+            ("writers", s(&c.writers)),
+            ("max_envelope_bytes", s(&c.max_envelope_bytes)),
+            ("drain_deadline_secs", c.drain_deadline_secs.map(|x| x.to_string())),
+            ("migrate", c.no_migrate.then(|| "false".to_owned())),
+        ];
+        let settings: Settings = runtime::settings::load(
+            self.common.config.as_deref(),
+            Some(std::path::Path::new("/etc/neopro/ingestor.toml")),
+            ENV_PREFIX,
+            &overrides,
+        )?;
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+impl Settings {
+    /// Checks the values that would otherwise fail late.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        schema::Topics::new(self.topic_prefix.clone()).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.writers >= 1, "writers must be >= 1");
+        anyhow::ensure!(self.batch_max_messages >= 1, "batch_max_messages must be >= 1");
+        anyhow::ensure!(self.batch_max_rows >= 1, "batch_max_rows must be >= 1");
+        anyhow::ensure!(!self.client_id.is_empty(), "client_id must not be empty");
+        Ok(())
+    }
+}
+
+/// The database URL with its password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<invalid URL>".into(),
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("mqtt_url", &self.mqtt_url)
+            .field("http_addr", &self.http_addr)
+            .field("log_format", &self.log_format)
+            .field("client_id", &self.client_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("max_envelope_bytes", &self.max_envelope_bytes)
+            .field("batch_max_messages", &self.batch_max_messages)
+            .field("batch_max_rows", &self.batch_max_rows)
+            .field("batch_max_age_ms", &self.batch_max_age_ms)
+            .field("writers", &self.writers)
+            .field("migrate", &self.migrate)
+            .field("mqtt_enabled", &self.mqtt_enabled)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,402 @@
+//! The database write path, shared by the MQTT pipeline and the HTTP endpoint.
+//!
+//! One call of [`write`] is one transaction (or, after a permanent error, a
+//! few smaller ones, see below):
+//!
+//! 1. `SELECT lock_rollup_days_shared($days)`: the shared advisory locks of the
+//!    rollup days touched, so that `calculate_sponsor_daily_stats(day)` never
+//!    interleaves with an increment (protocol of migration `..._rollups.sql`);
+//! 2. dead letters (`impressions_rejected`), one `INSERT ... SELECT FROM UNNEST`;
+//! 3. one statement that inserts the rows (`INSERT ... SELECT FROM UNNEST(...)
+//!    ON CONFLICT DO NOTHING RETURNING`), aggregates exactly the rows that were
+//!    new and upserts them into `sponsor_daily_stats` in key order (concurrent
+//!    writers lock rollup rows in the same order: no deadlock between our own
+//!    writers; 40P01/40001 are still retried as transient);
+//! 4. `sites.last_seen_at`, only for sites not seen in the last few seconds
+//!    (a hot `sites` row would otherwise serialise the pipelined writers);
+//! 5. `COMMIT`.
+//!
+//! Invariants:
+//! * a row is in `sponsor_impressions` at most once (primary key), and the
+//!   rollup counts it once: it is incremented only for rows `RETURNING` says
+//!   were new, in the same transaction;
+//! * rows are de-duplicated inside the call first (the same key twice in one
+//!   `INSERT ... ON CONFLICT` would fail with "cannot affect row a second time");
+//! * nothing is dropped: a row or message the database refuses for good
+//!   (a *permanent* error, see `runtime::db::classify`) is isolated by
+//!   bisection (per message, then per row) and stored in
+//!   `impressions_rejected` with the database's error text, while every other
+//!   row commits. A *transient* error is returned to the caller, which retries
+//!   the whole call (already committed parts are then absorbed as duplicates).
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use runtime::db::{classify, ErrorClass};
+use schema::Impression;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// Where a row or dead letter came from (`impressions_rejected.source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Mqtt,
+    Http,
+}
+
+impl Source {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Source::Mqtt => "mqtt",
+            Source::Http => "http",
+        }
+    }
+}
+
+/// One impression to insert. `origin` groups rows (and dead letters) by the
+/// message they came from, so that a permanent error can be isolated per
+/// message before per row.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub imp: Impression,
+    pub batch_id: Option<Uuid>,
+    pub origin: usize,
+}
+
+/// One refused message or impression, for `impressions_rejected`.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    pub source: Source,
+    pub topic: Option<String>,
+    pub site_id: Option<String>,
+    pub batch_id: Option<Uuid>,
+    pub impression_id: Option<Uuid>,
+    pub seq: Option<i64>,
+    pub reason_code: String,
+    pub reason: String,
+    pub payload: Vec<u8>,
+    pub origin: usize,
+}
+
+/// Everything one call writes.
+#[derive(Clone, Debug, Default)]
+pub struct WriteSet {
+    pub rows: Vec<Row>,
+    pub dead: Vec<DeadLetter>,
+    /// Sites whose `last_seen_at` is refreshed.
+    pub sites: Vec<String>,
+}
+
+/// What happened to each row of a [`WriteSet`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WriteOutcome {
+    /// Per row of the set: `true` if it was new in the database.
+    pub new: Vec<bool>,
+    /// Rows the database refused for good (index in the set, error text);
+    /// they were dead-lettered with reason_code `db_error`.
+    pub refused: Vec<(usize, String)>,
+    /// Dead letters written (those of the set plus one per refused row).
+    pub dead_letters: usize,
+    /// Transactions used (1 unless a permanent error was bisected).
+    pub transactions: usize,
+}
+
+impl WriteOutcome {
+    pub fn inserted(&self) -> usize {
+        self.new.iter().filter(|n| **n).count()
+    }
+}
+
+/// Replaces NUL characters, which PostgreSQL text cannot hold (a reason may
+/// quote hostile input; it must never make the dead letter itself fail).
+pub fn sanitize(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_owned()
+    }
+}
+
+const INSERT_ROWS: &str = r#"
+WITH ins AS (
+    INSERT INTO sponsor_impressions
+        (impression_id, site_id, seq, video_id, video_filename, played_at, duration_played,
+         video_duration, completed, event_type, period, trigger_type, audience_estimate, batch_id)
+    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[],
+                         $7::float8[], $8::float8[], $9::bool[], $10::text[], $11::text[], $12::text[],
+                         $13::int4[], $14::uuid[])
+    ON CONFLICT DO NOTHING
+    RETURNING impression_id, site_id, video_id, video_filename, played_at, duration_played, completed,
+              event_type, period, audience_estimate
+), agg AS (
+    SELECT (played_at AT TIME ZONE 'UTC')::date AS day, site_id, coalesce(video_id, '') AS video_id,
+           video_filename, period, event_type,
+           count(*) AS impressions, sum(duration_played) AS seconds_played,
+           count(*) FILTER (WHERE completed) AS completed_count,
+           coalesce(sum(audience_estimate), 0) AS audience_sum
+    FROM ins
+    GROUP BY 1, 2, 3, 4, 5, 6
+), up AS (
+    INSERT INTO sponsor_daily_stats AS t
+        (day, site_id, video_id, video_filename, period, event_type,
+         impressions, seconds_played, completed_count, audience_sum)
+    SELECT day, site_id, video_id, video_filename, period, event_type,
+           impressions, seconds_played, completed_count, audience_sum
+    FROM agg
+    ORDER BY day, site_id, video_filename, video_id, period, event_type
+    ON CONFLICT (day, site_id, video_filename, video_id, period, event_type) DO UPDATE SET
+        impressions     = t.impressions + excluded.impressions,
+        seconds_played  = t.seconds_played + excluded.seconds_played,
+        completed_count = t.completed_count + excluded.completed_count,
+        audience_sum    = t.audience_sum + excluded.audience_sum,
+        updated_at      = now()
+)
+SELECT impression_id FROM ins
+"#;
+
+const INSERT_DEAD: &str = r#"
+INSERT INTO impressions_rejected
+    (source, topic, site_id, batch_id, impression_id, seq, reason_code, reason, payload)
+SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::int8[],
+                     $7::text[], $8::text[], $9::bytea[])
+"#;
+
+const TOUCH_SITES: &str = r#"
+INSERT INTO sites (site_id, last_seen_at)
+SELECT s, now() FROM unnest($1::text[]) AS s
+WHERE NOT EXISTS (SELECT 1 FROM sites WHERE site_id = s AND last_seen_at > now() - interval '10 seconds')
+ORDER BY s
+ON CONFLICT (site_id) DO UPDATE SET last_seen_at = greatest(sites.last_seen_at, excluded.last_seen_at)
+"#;
+
+/// Writes `set`: rows, dead letters, site heartbeats. Transient errors are
+/// returned (retry the whole call); permanent ones are bisected away.
+pub async fn write(pool: &PgPool, set: &WriteSet) -> Result<WriteOutcome, sqlx::Error> {
+    let all_rows: Vec<usize> = (0..set.rows.len()).collect();
+    let all_dead: Vec<usize> = (0..set.dead.len()).collect();
+    let mut out = WriteOutcome {
+        new: vec![false; set.rows.len()],
+        ..Default::default()
+    };
+    match write_part(pool, set, &all_rows, &all_dead, &set.sites, &[], &mut out).await {
+        Ok(()) => return Ok(out),
+        Err(e) if classify(&e) == ErrorClass::Transient => return Err(e),
+        Err(e) => tracing::warn!(error = %e, "permanent database error; isolating the offending messages"),
+    }
+    // Per message (origin), in order.
+    let mut origins: Vec<usize> = set
+        .rows
+        .iter()
+        .map(|r| r.origin)
+        .chain(set.dead.iter().map(|d| d.origin))
+        .collect();
+    origins.sort_unstable();
+    origins.dedup();
+    for origin in origins {
+        let rows: Vec<usize> = all_rows.iter().copied().filter(|&i| set.rows[i].origin == origin).collect();
+        let dead: Vec<usize> = all_dead.iter().copied().filter(|&i| set.dead[i].origin == origin).collect();
+        match write_part(pool, set, &rows, &dead, &[], &[], &mut out).await {
+            Ok(()) => continue,
+            Err(e) if classify(&e) == ErrorClass::Transient => return Err(e),
+            Err(e) => tracing::warn!(origin, error = %e, "permanent database error in one message; isolating rows"),
+        }
+        // Per row: the message's dead letters first, then each row alone.
+        write_part(pool, set, &[], &dead, &[], &[], &mut out).await?;
+        for i in rows {
+            match write_part(pool, set, &[i], &[], &[], &[], &mut out).await {
+                Ok(()) => {}
+                Err(e) if classify(&e) == ErrorClass::Transient => return Err(e),
+                Err(e) => {
+                    let reason = format!("db_error: {e}");
+                    tracing::warn!(row = i, error = %e, "row refused by the database; dead-lettered");
+                    let r = &set.rows[i];
+                    let dl = DeadLetter {
+                        source: if r.batch_id.is_some() { Source::Mqtt } else { Source::Http },
+                        topic: None,
+                        site_id: Some(r.imp.site_id.clone()),
+                        batch_id: r.batch_id,
+                        impression_id: Some(r.imp.impression_id),
+                        seq: r.imp.seq,
+                        reason_code: "db_error".into(),
+                        reason: reason.clone(),
+                        payload: serde_json::to_vec(&r.imp).unwrap_or_default(),
+                        origin: r.origin,
+                    };
+                    write_part(pool, set, &[], &[], &[], std::slice::from_ref(&dl), &mut out).await?;
+                    out.refused.push((i, reason));
+                }
+            }
+        }
+    }
+    // Site heartbeats last, on their own (they never carry user data).
+    if !set.sites.is_empty() {
+        write_part(pool, set, &[], &[], &set.sites, &[], &mut out).await?;
+    }
+    Ok(out)
+}
+
+/// One transaction over a subset of the set (`extra` are dead letters made
+/// during bisection).
+async fn write_part(
+    pool: &PgPool,
+    set: &WriteSet,
+    rows: &[usize],
+    dead: &[usize],
+    sites: &[String],
+    extra: &[DeadLetter],
+    out: &mut WriteOutcome,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let new = write_in(&mut tx, set, rows, dead, sites, extra).await?;
+    tx.commit().await?;
+    for i in new {
+        out.new[i] = true;
+    }
+    out.dead_letters += dead.len() + extra.len();
+    out.transactions += 1;
+    Ok(())
+}
+
+async fn write_in(
+    conn: &mut PgConnection,
+    set: &WriteSet,
+    rows: &[usize],
+    dead: &[usize],
+    sites: &[String],
+    extra: &[DeadLetter],
+) -> Result<Vec<usize>, sqlx::Error> {
+    // De-duplicate on the primary key; the first occurrence is the one sent.
+    let mut seen: HashSet<(&str, i64, Uuid)> = HashSet::with_capacity(rows.len());
+    let mut sent: Vec<usize> = Vec::with_capacity(rows.len());
+    for &i in rows {
+        let imp = &set.rows[i].imp;
+        if seen.insert((imp.site_id.as_str(), imp.played_at.timestamp_micros(), imp.impression_id)) {
+            sent.push(i);
+        }
+    }
+    let mut new_rows = Vec::new();
+    if !sent.is_empty() {
+        let mut days: Vec<NaiveDate> = sent.iter().map(|&i| set.rows[i].imp.played_at.date_naive()).collect();
+        days.sort_unstable();
+        days.dedup();
+        sqlx::query("SELECT lock_rollup_days_shared($1::date[])")
+            .bind(&days)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let dls: Vec<&DeadLetter> = dead.iter().map(|&i| &set.dead[i]).chain(extra.iter()).collect();
+    if !dls.is_empty() {
+        insert_dead(conn, &dls).await?;
+    }
+    if !sent.is_empty() {
+        let n = sent.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut site = Vec::with_capacity(n);
+        let mut seq = Vec::with_capacity(n);
+        let mut video_id = Vec::with_capacity(n);
+        let mut file = Vec::with_capacity(n);
+        let mut played: Vec<DateTime<Utc>> = Vec::with_capacity(n);
+        let mut dur = Vec::with_capacity(n);
+        let mut vdur = Vec::with_capacity(n);
+        let mut completed = Vec::with_capacity(n);
+        let mut event = Vec::with_capacity(n);
+        let mut period = Vec::with_capacity(n);
+        let mut trigger = Vec::with_capacity(n);
+        let mut audience = Vec::with_capacity(n);
+        let mut batch = Vec::with_capacity(n);
+        for &i in &sent {
+            let r = &set.rows[i];
+            let imp = &r.imp;
+            ids.push(imp.impression_id);
+            site.push(imp.site_id.as_str());
+            seq.push(imp.seq);
+            video_id.push(imp.video_id.as_deref());
+            file.push(imp.video_filename.as_str());
+            played.push(imp.played_at);
+            dur.push(imp.duration_played);
+            vdur.push(imp.video_duration);
+            completed.push(imp.completed);
+            event.push(imp.event_type.as_str());
+            period.push(imp.period.as_str());
+            trigger.push(imp.trigger_type.as_str());
+            audience.push(imp.audience_estimate);
+            batch.push(r.batch_id);
+        }
+        let returned: Vec<Uuid> = sqlx::query_scalar(INSERT_ROWS)
+            .bind(&ids)
+            .bind(&site)
+            .bind(&seq)
+            .bind(&video_id)
+            .bind(&file)
+            .bind(&played)
+            .bind(&dur)
+            .bind(&vdur)
+            .bind(&completed)
+            .bind(&event)
+            .bind(&period)
+            .bind(&trigger)
+            .bind(&audience)
+            .bind(&batch)
+            .fetch_all(&mut *conn)
+            .await?;
+        if returned.len() == sent.len() {
+            new_rows = sent;
+        } else if !returned.is_empty() {
+            let returned: HashSet<Uuid> = returned.into_iter().collect();
+            new_rows = sent
+                .into_iter()
+                .filter(|&i| returned.contains(&set.rows[i].imp.impression_id))
+                .collect();
+        }
+    }
+    if !sites.is_empty() {
+        let mut s: Vec<&str> = sites.iter().map(String::as_str).collect();
+        s.sort_unstable();
+        s.dedup();
+        sqlx::query(TOUCH_SITES).bind(&s).execute(&mut *conn).await?;
+    }
+    Ok(new_rows)
+}
+
+async fn insert_dead(conn: &mut PgConnection, dls: &[&DeadLetter]) -> Result<(), sqlx::Error> {
+    let source: Vec<&str> = dls.iter().map(|d| d.source.as_str()).collect();
+    let topic: Vec<Option<String>> = dls.iter().map(|d| d.topic.as_deref().map(sanitize)).collect();
+    let site: Vec<Option<String>> = dls.iter().map(|d| d.site_id.as_deref().map(sanitize)).collect();
+    let batch: Vec<Option<Uuid>> = dls.iter().map(|d| d.batch_id).collect();
+    let imp: Vec<Option<Uuid>> = dls.iter().map(|d| d.impression_id).collect();
+    let seq: Vec<Option<i64>> = dls.iter().map(|d| d.seq).collect();
+    let code: Vec<String> = dls.iter().map(|d| sanitize(&d.reason_code)).collect();
+    let reason: Vec<String> = dls.iter().map(|d| sanitize(&d.reason)).collect();
+    let payload: Vec<&[u8]> = dls.iter().map(|d| d.payload.as_slice()).collect();
+    sqlx::query(INSERT_DEAD)
+        .bind(&source)
+        .bind(&topic)
+        .bind(&site)
+        .bind(&batch)
+        .bind(&imp)
+        .bind(&seq)
+        .bind(&code)
+        .bind(&reason)
+        .bind(&payload)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Creates the monthly partitions of the current month and the next
+/// `months - 1` (idempotent; run at start and daily).
+pub async fn create_partitions_ahead(pool: &PgPool, months: i32) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("SELECT create_impression_partitions(date_trunc('month', now())::date, $1)")
+        .bind(months)
+        .fetch_one(pool)
+        .await
+}
+
+/// Counts committed rows per key of the set's origins (test and bench helper).
+pub fn group_by_origin(set: &WriteSet) -> HashMap<usize, Vec<usize>> {
+    let mut m: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, r) in set.rows.iter().enumerate() {
+        m.entry(r.origin).or_default().push(i);
+    }
+    m
+}
