@@ -1,1 +1,16 @@
-//! placeholder
+//! # `broker`: `neopro-broker`, rumqttd embedded, and the hosted-broker path
+//!
+//! * [`settings`]: what an operator configures, and how the in-memory log is sized.
+//! * [`embedded`]: rumqttd in-process ([`EmbeddedBroker`]), for production, tests and the simulator.
+//! * [`credentials`]: the credentials file (argon2 + Mosquitto `$7$` hashes, never plaintext).
+//! * [`auth`]: CONNECT checks (password, client-id rule), reload.
+//! * [`observe`]: router meters and alerts to Prometheus and logs.
+
+pub mod auth;
+pub mod credentials;
+pub mod embedded;
+pub mod observe;
+pub mod settings;
+
+pub use embedded::EmbeddedBroker;
+pub use settings::BrokerSettings;

@@ -1,0 +1,323 @@
+//! The credentials file: who may connect, and with which client ids.
+//!
+//! # On-disk format
+//!
+//! UTF-8 text, one account per line, `#` comments and blank lines ignored:
+//!
+//! ```text
+//! # username:argon2id-PHC-string:mosquitto-$7$-hash
+//! club-042:$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>:$7$101$<salt b64>$<hash b64>
+//! ingestor:$argon2id$v=19$...:$7$101$...
+//! ```
+//!
+//! * `username`: a site id (`A-Z a-z 0-9 _ -`, at most 64 characters; no
+//!   `:` so that the line splits unambiguously, no `/ + #` so that it can
+//!   be used in topics and in Mosquitto's `%u` ACL patterns). The ingestor's
+//!   account is named `ingestor`.
+//! * the argon2id hash (PHC string) that `neopro-broker` verifies;
+//! * optionally, the same password hashed in Mosquitto 2.0's own format
+//!   (`$7$<iterations>$<base64 salt>$<base64 PBKDF2-HMAC-SHA512>`, what
+//!   `mosquitto_passwd` writes). Mosquitto cannot verify argon2, and the
+//!   plaintext is never stored, so `neopro-broker passwd` computes both
+//!   hashes from the one password it is given; `mosquitto-config` copies
+//!   the second field into Mosquitto's password file.
+//!
+//! Invariants: usernames are unique (a later line replaces an earlier one
+//! when reading; `passwd` rewrites the file without duplicates), no
+//! plaintext is ever written, the file is replaced atomically (write to a
+//! temporary file in the same directory, fsync, rename) with mode 0600.
+//!
+//! # Client ids
+//!
+//! A client may only use a client id equal to its username or starting with
+//! `<username>:` (edges use their site id, tools may use `club-042:debug`).
+//! `:` cannot appear in a username, so no account can take another's
+//! session (rumqttd replaces a session on a duplicate client id).
+
+use anyhow::Context;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine as _;
+use rand::RngCore;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Mosquitto 2.0's `mosquitto_passwd` defaults (password_mosq.c).
+pub const MOSQUITTO_ITERATIONS: u32 = 101;
+pub const MOSQUITTO_SALT_LEN: usize = 12;
+
+/// One account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub username: String,
+    /// argon2id PHC string.
+    pub argon2: String,
+    /// Mosquitto `$7$` hash of the same password, when known.
+    pub mosquitto: Option<String>,
+}
+
+/// Why a credentials file or an entry is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("line {line}: {reason}")]
+    Line { line: usize, reason: String },
+    #[error("invalid username '{0}': {1}")]
+    Username(String, String),
+}
+
+/// A parsed credentials file (sorted by username).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Credentials {
+    entries: BTreeMap<String, Entry>,
+}
+
+/// Checks that `u` can be a username (a site id, or `ingestor`).
+pub fn validate_username(u: &str) -> Result<(), CredentialsError> {
+    schema::validate::site_id(u).map_err(|e| CredentialsError::Username(u.to_owned(), e))
+}
+
+/// The client-id rule: `client_id == username` or `client_id` starts with
+/// `username:`.
+pub fn client_id_allowed(username: &str, client_id: &str) -> bool {
+    client_id == username || client_id.strip_prefix(username).is_some_and(|rest| rest.starts_with(':'))
+}
+
+impl Credentials {
+    pub fn parse(text: &str) -> Result<Self, CredentialsError> {
+        let mut entries = BTreeMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let err = |reason: String| CredentialsError::Line { line: i + 1, reason };
+            let mut parts = line.split(':');
+            let username = parts.next().unwrap_or_default();
+            validate_username(username).map_err(|e| err(e.to_string()))?;
+            let argon2 = parts
+                .next()
+                .ok_or_else(|| err("missing password hash (expected username:argon2-hash[:mosquitto-hash])".into()))?;
+            PasswordHash::new(argon2).map_err(|e| err(format!("'{username}': invalid argon2 hash: {e}")))?;
+            if !argon2.starts_with("$argon2") {
+                return Err(err(format!("'{username}': the hash is not an argon2 PHC string")));
+            }
+            let mosquitto = match parts.next() {
+                None | Some("") => None,
+                Some(h) => {
+                    parse_mosquitto_hash(h).map_err(|e| err(format!("'{username}': {e}")))?;
+                    Some(h.to_owned())
+                }
+            };
+            if parts.next().is_some() {
+                return Err(err("too many ':'-separated fields".into()));
+            }
+            entries.insert(
+                username.to_owned(),
+                Entry {
+                    username: username.to_owned(),
+                    argon2: argon2.to_owned(),
+                    mosquitto,
+                },
+            );
+        }
+        Ok(Self { entries })
+    }
+
+    /// Reads a file; a missing file is an error (a typo must not silently
+    /// lock every client out, nor let anyone in).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading credentials file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("parsing credentials file {}", path.display()))
+    }
+
+    /// Reads a file, or an empty set when it does not exist yet (`passwd`
+    /// creating the first account).
+    pub fn load_or_empty(path: &Path) -> anyhow::Result<Self> {
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            _ => Self::load(path),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::from(
+            "# neopro-broker credentials: username:argon2id-hash:mosquitto-$7$-hash\n\
+             # Managed by `neopro-broker passwd FILE USER`; never holds plaintext.\n",
+        );
+        for e in self.entries.values() {
+            let _ = write!(s, "{}:{}", e.username, e.argon2);
+            if let Some(m) = &e.mosquitto {
+                let _ = write!(s, ":{m}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Writes atomically with mode 0600.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        // NamedTempFile is created with mode 0600 and renamed over `path`.
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+        {
+            use std::io::Write;
+            tmp.write_all(self.render().as_bytes())?;
+            tmp.as_file().sync_all()?;
+        }
+        tmp.persist(path).with_context(|| format!("replacing {}", path.display()))?;
+        Ok(())
+    }
+
+    pub fn get(&self, username: &str) -> Option<&Entry> {
+        self.entries.get(username)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Adds or replaces `username`'s password (both hashes). Returns whether
+    /// the account existed.
+    pub fn set_password(&mut self, username: &str, password: &str) -> anyhow::Result<bool> {
+        validate_username(username)?;
+        anyhow::ensure!(!password.is_empty(), "empty password refused");
+        anyhow::ensure!(
+            !password.contains(['\n', '\r', '\0']),
+            "password must not contain line breaks or NUL"
+        );
+        let entry = Entry {
+            username: username.to_owned(),
+            argon2: argon2_hash(password)?,
+            mosquitto: Some(mosquitto_hash(password)),
+        };
+        Ok(self.entries.insert(username.to_owned(), entry).is_some())
+    }
+
+    pub fn remove(&mut self, username: &str) -> bool {
+        self.entries.remove(username).is_some()
+    }
+}
+
+/// argon2id with the crate's default (OWASP) parameters.
+pub fn argon2_hash(password: &str) -> anyhow::Result<String> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("argon2: {e}"))?
+        .to_string())
+}
+
+/// Verifies `password` against an argon2 PHC string (slow on purpose: run it
+/// off the async threads).
+pub fn argon2_verify(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .unwrap_or(false)
+}
+
+/// Mosquitto 2.0's `$7$` hash with a fresh 12-byte salt and 101 iterations.
+pub fn mosquitto_hash(password: &str) -> String {
+    let mut salt = [0u8; MOSQUITTO_SALT_LEN];
+    rand::rng().fill_bytes(&mut salt);
+    mosquitto_hash_with(password, &salt, MOSQUITTO_ITERATIONS)
+}
+
+/// `$7$<iterations>$<base64 salt>$<base64 PBKDF2-HMAC-SHA512(password, salt, 64 bytes)>`
+/// (standard base64 with padding, as OpenSSL's BIO writes it).
+pub fn mosquitto_hash_with(password: &str, salt: &[u8], iterations: u32) -> String {
+    let mut out = [0u8; 64];
+    pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password.as_bytes(), salt, iterations, &mut out);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    format!("$7${iterations}${}${}", b64.encode(salt), b64.encode(out))
+}
+
+/// Splits a `$7$` hash into (iterations, salt, hash).
+pub fn parse_mosquitto_hash(h: &str) -> Result<(u32, Vec<u8>, Vec<u8>), String> {
+    let rest = h
+        .strip_prefix("$7$")
+        .ok_or_else(|| "Mosquitto hash must start with $7$".to_owned())?;
+    let mut p = rest.split('$');
+    let (Some(it), Some(salt), Some(hash), None) = (p.next(), p.next(), p.next(), p.next()) else {
+        return Err("Mosquitto hash must be $7$iterations$salt$hash".into());
+    };
+    let it: u32 = it.parse().map_err(|_| format!("bad iteration count '{it}'"))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let salt = b64.decode(salt).map_err(|e| format!("bad salt: {e}"))?;
+    let hash = b64.decode(hash).map_err(|e| format!("bad hash: {e}"))?;
+    if hash.len() != 64 {
+        return Err(format!("hash is {} bytes, expected 64 (SHA-512)", hash.len()));
+    }
+    Ok((it, salt, hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_id_rule() {
+        assert!(client_id_allowed("club-1", "club-1"));
+        assert!(client_id_allowed("club-1", "club-1:debug"));
+        assert!(!client_id_allowed("club-1", "club-10"));
+        assert!(!client_id_allowed("club-1", "club-2"));
+        assert!(!client_id_allowed("club-1", ""));
+        assert!(!client_id_allowed("club", "club-1"));
+    }
+
+    #[test]
+    fn roundtrip_and_verify() {
+        let mut c = Credentials::default();
+        assert!(!c.set_password("club-1", "pw-one").unwrap());
+        assert!(!c.set_password("ingestor", "pw-ing").unwrap());
+        assert!(c.set_password("club-1", "pw-one-b").unwrap());
+        assert!(c.set_password("a:b", "x").is_err());
+        assert!(c.set_password("a/b", "x").is_err());
+        let text = c.render();
+        assert!(!text.contains("pw-one"));
+        let back = Credentials::parse(&text).unwrap();
+        assert_eq!(back, c);
+        let e = back.get("club-1").unwrap();
+        assert!(argon2_verify(&e.argon2, "pw-one-b"));
+        assert!(!argon2_verify(&e.argon2, "pw-one"));
+        let (it, salt, hash) = parse_mosquitto_hash(e.mosquitto.as_deref().unwrap()).unwrap();
+        assert_eq!((it, salt.len()), (MOSQUITTO_ITERATIONS, MOSQUITTO_SALT_LEN));
+        assert_eq!(mosquitto_hash_with("pw-one-b", &salt, it), *e.mosquitto.as_ref().unwrap());
+        assert_ne!(mosquitto_hash_with("pw-one", &salt, it).as_bytes()[..], hash[..]);
+    }
+
+    #[test]
+    fn refuses_bad_lines() {
+        for bad in ["club-1", "club-1:plaintext", "a/b:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA"] {
+            let e = Credentials::parse(bad).unwrap_err();
+            assert!(e.to_string().starts_with("line 1"), "{e}");
+        }
+        assert!(Credentials::parse("# only a comment\n\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn save_is_private_and_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("creds");
+        let mut c = Credentials::load_or_empty(&f).unwrap();
+        c.set_password("club-1", "pw").unwrap();
+        c.save(&f).unwrap();
+        assert_eq!(Credentials::load(&f).unwrap(), c);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+    }
+}
