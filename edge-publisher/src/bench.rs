@@ -93,7 +93,6 @@ fn spawn_edge(exe: &Path, dir: &Path, site: &str, prefix: &str, mqtt: &str, log:
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
-        .env("NEOPRO_EDGE_CONFIG", dir.join("none.toml"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
