@@ -150,12 +150,19 @@ impl Authenticator {
     }
 
     /// Decides one CONNECT. Never logs the password.
-    pub async fn check(self: Arc<Self>, client_id: String, username: String, password: String) -> Result<(), AuthFailure> {
+    pub async fn check(
+        self: Arc<Self>,
+        client_id: String,
+        username: String,
+        password: String,
+    ) -> Result<(), AuthFailure> {
         if username.is_empty() {
             return Err(AuthFailure::NoUsername);
         }
         let entry = self.accounts.read().expect("accounts lock").get(&username).cloned();
-        let hash = entry.as_ref().map_or_else(|| self.dummy_hash.clone(), |e| e.argon2.clone());
+        let hash = entry
+            .as_ref()
+            .map_or_else(|| self.dummy_hash.clone(), |e| e.argon2.clone());
         let fp = self.fingerprint(&password);
         let cached = entry.is_some()
             && self
@@ -173,7 +180,10 @@ impl Authenticator {
                 .await
                 .unwrap_or(false);
             if ok && entry.is_some() {
-                self.cache.lock().expect("cache lock").insert(username.clone(), (hash, fp));
+                self.cache
+                    .lock()
+                    .expect("cache lock")
+                    .insert(username.clone(), (hash, fp));
             }
             ok
         };
@@ -190,7 +200,12 @@ impl Authenticator {
     }
 
     /// The rumqttd auth handler: logs and counts every refusal.
-    pub fn handler(self: &Arc<Self>) -> impl Fn(String, String, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync + 'static {
+    pub fn handler(
+        self: &Arc<Self>,
+    ) -> impl Fn(String, String, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+           + Send
+           + Sync
+           + 'static {
         let me = Arc::clone(self);
         move |client_id: String, username: String, password: String| {
             let me = Arc::clone(&me);
@@ -245,7 +260,11 @@ mod tests {
         c.set_password("club-2", "pw2").unwrap();
         c.save(&f).unwrap();
         a.reload().unwrap();
-        assert_eq!(chk("club-1", "club-1", "pw1").await, Err(AuthFailure::BadPassword), "cache dropped");
+        assert_eq!(
+            chk("club-1", "club-1", "pw1").await,
+            Err(AuthFailure::BadPassword),
+            "cache dropped"
+        );
         assert_eq!(chk("club-2", "club-2", "pw2").await, Ok(()));
 
         std::fs::write(&f, "garbage line").unwrap();

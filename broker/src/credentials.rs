@@ -30,7 +30,8 @@
 //! # Client ids
 //!
 //! A client may only use a client id equal to its username or starting with
-//! `<username>:` (edges use their site id, tools may use `club-042:debug`).
+//! `<username>:` (edges use their site id, tools may use `club-042:debug`),
+//! or is empty (clean session only; the broker assigns a random id).
 //! `:` cannot appear in a username, so no account can take another's
 //! session (rumqttd replaces a session on a duplicate client id).
 
@@ -77,10 +78,17 @@ pub fn validate_username(u: &str) -> Result<(), CredentialsError> {
     schema::validate::site_id(u).map_err(|e| CredentialsError::Username(u.to_owned(), e))
 }
 
-/// The client-id rule: `client_id == username` or `client_id` starts with
-/// `username:`.
+/// The client-id rule: `client_id == username`, or `client_id` starts with
+/// `username:`, or it is empty (MQTT 3.1.1 allows that only with a clean
+/// session, and rumqttd then assigns a random `rumqtt-<uuid>` id; this is
+/// what `mosquitto_sub`/`mosquitto_pub` send by default, and a random id can
+/// take over no one's session).
 pub fn client_id_allowed(username: &str, client_id: &str) -> bool {
-    client_id == username || client_id.strip_prefix(username).is_some_and(|rest| rest.starts_with(':'))
+    client_id.is_empty()
+        || client_id == username
+        || client_id
+            .strip_prefix(username)
+            .is_some_and(|rest| rest.starts_with(':'))
 }
 
 impl Credentials {
@@ -127,7 +135,8 @@ impl Credentials {
     /// Reads a file; a missing file is an error (a typo must not silently
     /// lock every client out, nor let anyone in).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading credentials file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading credentials file {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("parsing credentials file {}", path.display()))
     }
 
@@ -157,15 +166,20 @@ impl Credentials {
 
     /// Writes atomically with mode 0600.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         // NamedTempFile is created with mode 0600 and renamed over `path`.
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
         {
             use std::io::Write;
             tmp.write_all(self.render().as_bytes())?;
             tmp.as_file().sync_all()?;
         }
-        tmp.persist(path).with_context(|| format!("replacing {}", path.display()))?;
+        tmp.persist(path)
+            .with_context(|| format!("replacing {}", path.display()))?;
         Ok(())
     }
 
@@ -271,7 +285,7 @@ mod tests {
         assert!(client_id_allowed("club-1", "club-1:debug"));
         assert!(!client_id_allowed("club-1", "club-10"));
         assert!(!client_id_allowed("club-1", "club-2"));
-        assert!(!client_id_allowed("club-1", ""));
+        assert!(client_id_allowed("club-1", ""), "broker-assigned random id");
         assert!(!client_id_allowed("club", "club-1"));
     }
 
@@ -292,13 +306,20 @@ mod tests {
         assert!(!argon2_verify(&e.argon2, "pw-one"));
         let (it, salt, hash) = parse_mosquitto_hash(e.mosquitto.as_deref().unwrap()).unwrap();
         assert_eq!((it, salt.len()), (MOSQUITTO_ITERATIONS, MOSQUITTO_SALT_LEN));
-        assert_eq!(mosquitto_hash_with("pw-one-b", &salt, it), *e.mosquitto.as_ref().unwrap());
+        assert_eq!(
+            mosquitto_hash_with("pw-one-b", &salt, it),
+            *e.mosquitto.as_ref().unwrap()
+        );
         assert_ne!(mosquitto_hash_with("pw-one", &salt, it).as_bytes()[..], hash[..]);
     }
 
     #[test]
     fn refuses_bad_lines() {
-        for bad in ["club-1", "club-1:plaintext", "a/b:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA"] {
+        for bad in [
+            "club-1",
+            "club-1:plaintext",
+            "a/b:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA",
+        ] {
             let e = Credentials::parse(bad).unwrap_err();
             assert!(e.to_string().starts_with("line 1"), "{e}");
         }

@@ -86,7 +86,11 @@ impl EmbeddedBroker {
         for attempt in 1..=PORT_ATTEMPTS {
             let mqtt_addr = resolve_port(settings.listen)?;
             let tls_addr = settings.tls.as_ref().map(|t| resolve_port(t.listen)).transpose()?;
-            let ws_addr = settings.websocket.as_ref().map(|w| resolve_port(w.listen)).transpose()?;
+            let ws_addr = settings
+                .websocket
+                .as_ref()
+                .map(|w| resolve_port(w.listen))
+                .transpose()?;
             let config = build_config(settings, auth.as_ref(), mqtt_addr, tls_addr, ws_addr);
             let mut broker = rumqttd::Broker::new(config);
             let observer = Observer::new(settings);
@@ -253,7 +257,10 @@ pub fn build_config(
         max_outgoing_packet_count: s.limits.max_outgoing_packet_count,
         max_segment_size: other.max_segment_size,
         max_segment_count: other.max_segment_count,
-        custom_segment: Some(HashMap::from([(ingestor_filter.clone(), segment(s.log.ingestor_plan()))])),
+        custom_segment: Some(HashMap::from([(
+            ingestor_filter.clone(),
+            segment(s.log.ingestor_plan()),
+        )])),
         initialized_filters: Some(vec![
             ingestor_filter,
             topics.all_sites(schema::mqtt::TopicKind::Receipts),
@@ -349,7 +356,9 @@ fn proc_listening(port: u16) -> Option<bool> {
         let hex = format!(":{port:04X}");
         for line in text.lines().skip(1) {
             let mut cols = line.split_whitespace();
-            let (Some(_sl), Some(local), Some(_remote), Some(state)) = (cols.next(), cols.next(), cols.next(), cols.next()) else {
+            let (Some(_sl), Some(local), Some(_remote), Some(state)) =
+                (cols.next(), cols.next(), cols.next(), cols.next())
+            else {
                 continue;
             };
             if state == "0A" && local.ends_with(&hex) {

@@ -4,11 +4,17 @@
 //! * [`embedded`]: rumqttd in-process ([`EmbeddedBroker`]), for production, tests and the simulator.
 //! * [`credentials`]: the credentials file (argon2 + Mosquitto `$7$` hashes, never plaintext).
 //! * [`auth`]: CONNECT checks (password, client-id rule), reload.
+//! * [`mosquitto`]: the hosted path, a Mosquitto configuration with per-site ACLs.
+//! * [`app`]: the service (`/metrics`, `/healthz`, credentials reload).
+//! * [`bench`]: QoS 1 throughput against Mosquitto.
 //! * [`observe`]: router meters and alerts to Prometheus and logs.
 
+pub mod app;
 pub mod auth;
+pub mod bench;
 pub mod credentials;
 pub mod embedded;
+pub mod mosquitto;
 pub mod observe;
 pub mod settings;
 

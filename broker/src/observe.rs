@@ -55,7 +55,8 @@ impl Observer {
             if let Meter::Router(_, r) = m {
                 self.connections.store(r.total_connections as u64, Ordering::Relaxed);
                 self.publishes.fetch_add(r.total_publishes as u64, Ordering::Relaxed);
-                self.failed_publishes.fetch_add(r.failed_publishes as u64, Ordering::Relaxed);
+                self.failed_publishes
+                    .fetch_add(r.failed_publishes as u64, Ordering::Relaxed);
                 metrics::gauge!("neopro_broker_connections").set(r.total_connections as f64);
                 metrics::counter!("neopro_broker_publishes_total").increment(r.total_publishes as u64);
                 metrics::counter!("neopro_broker_failed_publishes_total").increment(r.failed_publishes as u64);

@@ -101,10 +101,7 @@ impl BrokerSettings {
             self.log.outage_messages >= 1 && self.log.avg_message_bytes >= 64,
             "log.outage_messages must be >= 1 and log.avg_message_bytes >= 64"
         );
-        anyhow::ensure!(
-            self.limits.max_connections >= 1,
-            "limits.max_connections must be >= 1"
-        );
+        anyhow::ensure!(self.limits.max_connections >= 1, "limits.max_connections must be >= 1");
         anyhow::ensure!(
             self.limits.connection_timeout_ms >= 100,
             "limits.connection_timeout_ms must be >= 100"
