@@ -944,3 +944,112 @@ fn fail_cmd(c: Cmd, msg: &str) {
 fn storage_err<T>(msg: &str) -> Result<T, OutboxError> {
     Err(OutboxError::Storage(msg.to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schema::{EventType, Period, TriggerType};
+
+    fn imp(site: &str, k: i64) -> Impression {
+        let played_at = Utc.with_ymd_and_hms(2025, 12, 14, 21, 0, 0).unwrap() + chrono::Duration::seconds(k);
+        Impression {
+            impression_id: schema::derive_impression_id(site, "a.mp4", played_at),
+            site_id: site.into(),
+            seq: None,
+            video_id: None,
+            video_filename: "a.mp4".into(),
+            played_at,
+            duration_played: 30.0,
+            video_duration: 30.0,
+            completed: true,
+            event_type: EventType::Match,
+            period: Period::Loop,
+            trigger_type: TriggerType::Auto,
+            audience_estimate: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn seqs_are_contiguous_never_reused_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
+        let id = ob.outbox_id();
+        let o = ob.append((0..5).map(|k| imp("s1", k)).collect()).await.unwrap();
+        assert_eq!((o.inserted, o.duplicates, o.queued), (5, 0, 5));
+        let o = ob.append((3..8).map(|k| imp("s1", k)).collect()).await.unwrap();
+        assert_eq!((o.inserted, o.duplicates, o.queued), (3, 2, 8));
+        let c = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        assert_eq!(c.iter().map(|c| c.seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+        assert_eq!(ob.counts().unsent, 0);
+        // Settle everything: the table empties, the next seq is still 9.
+        assert_eq!(ob.settle(vec![SeqRange { first: 1, last: 8 }]).await.unwrap(), 8);
+        assert_eq!(ob.counts(), Counts::default());
+        ob.append(vec![imp("s1", 100)]).await.unwrap();
+        ob.close().await;
+        let ob = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
+        assert_eq!(ob.outbox_id(), id, "outbox id made once");
+        let c = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        assert_eq!(c.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![9]);
+        let st = ob.stats().await.unwrap();
+        assert_eq!((st.unconfirmed, st.unsent, st.next_seq), (1, 0, 10));
+        assert!(st.last_receipt_at.is_some());
+        ob.close().await;
+        assert!(matches!(ob.append(vec![imp("s1", 200)]).await, Err(OutboxError::Closed)));
+        // Another site's outbox is refused.
+        assert!(Outbox::open(OutboxConfig::new(dir.path()), "s2").is_err());
+    }
+
+    #[tokio::test]
+    async fn published_rows_are_requeued_at_open_and_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
+        ob.append((0..10).map(|k| imp("s1", k)).collect()).await.unwrap();
+        let b1 = Uuid::now_v7();
+        let c1 = ob.claim(4, 1 << 20, b1).await.unwrap();
+        let c2 = ob.claim(4, 1 << 20, Uuid::now_v7()).await.unwrap();
+        assert_eq!((c1.len(), c2.len(), ob.counts().unsent), (4, 4, 2));
+        assert_eq!(ob.requeue(Some(b1)).await.unwrap(), 4);
+        assert_eq!(ob.counts().unsent, 6);
+        let again = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        assert_eq!(again.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 9, 10]);
+        // Only what a receipt names goes.
+        assert_eq!(ob.settle(vec![SeqRange { first: 2, last: 3 }]).await.unwrap(), 2);
+        ob.close().await;
+        let ob = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
+        assert_eq!(ob.counts().unconfirmed, 8);
+        assert_eq!(ob.counts().unsent, 8, "every published row is pending again after a restart");
+        ob.close().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_are_group_committed_with_distinct_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
+        let tasks: Vec<_> = (0..50)
+            .map(|t| {
+                let ob = ob.clone();
+                tokio::spawn(async move { ob.append((0..20).map(|k| imp("s1", t * 1000 + k)).collect()).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().inserted, 20);
+        }
+        let c = ob.claim(10_000, 1 << 30, Uuid::now_v7()).await.unwrap();
+        assert_eq!(c.iter().map(|c| c.seq).collect::<Vec<_>>(), (1..=1000).collect::<Vec<_>>());
+        ob.close().await;
+    }
+
+    #[tokio::test]
+    async fn byte_limit_refuses_without_evicting() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = OutboxConfig::new(dir.path());
+        cfg.max_bytes = 560; // two rows (~230 bytes each) fit, above the 80 % warning line
+        let ob = Outbox::open(cfg, "s1").unwrap();
+        ob.append(vec![imp("s1", 0), imp("s1", 1)]).await.unwrap();
+        let e = ob.append((2..10).map(|k| imp("s1", k)).collect()).await.unwrap_err();
+        assert!(matches!(e, OutboxError::Full { .. }), "{e}");
+        assert_eq!(ob.counts().unconfirmed, 2, "nothing of the refused append, nothing evicted");
+        assert!(ob.near_full());
+        ob.close().await;
+    }
+}

@@ -511,3 +511,45 @@ async fn io_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Claimed;
+
+    #[test]
+    fn spliced_envelope_decodes_as_the_schema_envelope() {
+        let t = schema::parse_timestamp("2025-12-14T21:30:00Z").unwrap();
+        let claimed: Vec<Claimed> = (1..=3)
+            .map(|seq| {
+                let imp = schema::Impression {
+                    impression_id: schema::derive_impression_id("s1", "a.mp4", t + chrono::Duration::seconds(seq)),
+                    site_id: "s1".into(),
+                    seq: Some(seq),
+                    video_id: None,
+                    video_filename: "a.mp4".into(),
+                    played_at: t + chrono::Duration::seconds(seq),
+                    duration_played: 30.0,
+                    video_duration: 30.0,
+                    completed: true,
+                    event_type: schema::EventType::Match,
+                    period: schema::Period::Halftime,
+                    trigger_type: schema::TriggerType::Auto,
+                    audience_estimate: Some(10),
+                };
+                Claimed {
+                    seq,
+                    body: serde_json::to_string(&imp).unwrap(),
+                }
+            })
+            .collect();
+        let (outbox_id, batch_id) = (Uuid::now_v7(), Uuid::now_v7());
+        let payload = encode_envelope("s1", outbox_id, batch_id, &claimed);
+        let d = schema::decode_envelope("s1", &payload, Utc::now()).unwrap();
+        assert_eq!((d.outbox_id, d.batch_id), (outbox_id, batch_id));
+        assert_eq!(d.seq, SeqRange { first: 1, last: 3 });
+        assert_eq!(d.valid.len(), 3);
+        assert!(d.rejected.is_empty());
+        assert_eq!(d.valid[2].seq, Some(3));
+    }
+}
