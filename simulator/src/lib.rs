@@ -1,8 +1,30 @@
-//! # `simulator`: the whole NeoPro chain, runnable, measurable, proven under faults
+//! # `simulator` (`neopro-sim`): the whole NeoPro chain, runnable, measurable, proven under faults
 //!
 //! * [`catalogue`] and [`plays`]: a seeded, realistic fleet of club TV boxes.
 //! * [`pg`]: the bench/demo database, the raw COPY baseline, the per-sponsor
 //!   summary and the exactly-once check, all read back from PostgreSQL.
+//! * [`fleet`]: the real pipeline in-process (embedded broker or any MQTT URL,
+//!   the ingestor App, N edge Apps with their SQLite outboxes).
+//! * [`demo`], [`bench`], [`soak`]: the subcommands; [`cli`]: their flags.
+pub mod bench;
 pub mod catalogue;
+pub mod cli;
+pub mod demo;
+pub mod fleet;
 pub mod pg;
 pub mod plays;
+pub mod soak;
+
+/// Logs to stderr at `warn` (rumqttd off: it logs every client disconnect as
+/// an error) unless `RUST_LOG` says otherwise: the simulator's
+/// own output (progress, tables, the bench line) is on stdout.
+pub fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,rumqttd=off"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}

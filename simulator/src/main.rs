@@ -1,1 +1,30 @@
-fn main() {}
+//! `neopro-sim`: thin shell around the `simulator` library.
+
+use clap::Parser;
+use simulator::cli::{Cli, Command};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    runtime::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Command::Demo(a) => a.fleet.log_format.clone(),
+        Command::Bench(a) => a.fleet.log_format.clone(),
+        Command::Soak(a) => a.fleet.log_format.clone(),
+    };
+    simulator::init_logging(&log_format);
+    let result = match cli.command {
+        Command::Demo(a) => simulator::demo::run(a).await,
+        Command::Bench(a) => simulator::bench::run(a).await,
+        Command::Soak(a) => simulator::soak::run(a).await,
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("neopro-sim: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The real pipeline in one process: a broker (our embedded rumqttd, or any
+//! MQTT URL such as the local Mosquitto), the ingestor App against
+//! PostgreSQL, and N TV boxes, each a real `edge_publisher` App with its own
+//! SQLite outbox in a temporary directory.
+//!
+//! Why in-process and not mocks: every byte goes through the same code as in
+//! production (outbox group commit, MQTT QoS 1 with persistent sessions, the
+//! ingestor's batching, SQL and receipts), only the processes are folded into
+//! one so that a newcomer runs the whole chain with one command. The boxes
+//! are fed through the outbox's append API (what the edge's HTTP endpoint
+//! calls once a POST is parsed), so the measured path starts where the TV's
+//! `POST /api/sync/sponsor-impressions` ends.
+
+use anyhow::Context;
+use edge_publisher::Outbox;
+use runtime::mqtt::MqttUrl;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Which broker the fleet meets at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// Our rumqttd, in this process, on an ephemeral loopback port.
+    Embedded,
+    /// Any broker by URL (`mqtt://127.0.0.1:1883` for the local Mosquitto).
+    Url(String),
+}
+
+impl std::str::FromStr for BrokerChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "embedded" {
+            Ok(BrokerChoice::Embedded)
+        } else {
+            s.parse::<MqttUrl>()?;
+            Ok(BrokerChoice::Url(s.to_owned()))
+        }
+    }
+}
+
+/// A started broker.
+pub struct Broker {
+    pub url: MqttUrl,
+    /// Keeps the embedded broker referenced (it lives until the process exits).
+    pub embedded: Option<broker::EmbeddedBroker>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("url", &self.url).finish()
+    }
+}
+
+/// Starts (embedded) or names (URL) the broker for topic prefix `prefix`.
+pub fn start_broker(choice: &BrokerChoice, prefix: &str, tune: impl FnOnce(&mut broker::BrokerSettings)) -> anyhow::Result<Broker> {
+    match choice {
+        BrokerChoice::Embedded => {
+            let mut s = broker::BrokerSettings::for_tests();
+            s.topic_prefix = prefix.to_owned();
+            tune(&mut s);
+            let b = broker::EmbeddedBroker::start(&s).context("starting the embedded broker")?;
+            Ok(Broker {
+                url: b.mqtt_url(None, None),
+                embedded: Some(b),
+            })
+        }
+        BrokerChoice::Url(u) => Ok(Broker {
+            url: u.parse().map_err(anyhow::Error::msg)?,
+            embedded: None,
+        }),
+    }
+}
+
+/// A running in-process ingestor.
+pub struct Ingestor {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+    pub http_addr: std::net::SocketAddr,
+}
+
+impl std::fmt::Debug for Ingestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingestor").field("http_addr", &self.http_addr).finish()
+    }
+}
+
+impl Ingestor {
+    /// Starts the ingestor App with `settings` (HTTP on an ephemeral port).
+    pub async fn start(mut settings: ingestor::Settings) -> anyhow::Result<Self> {
+        settings.http_addr = "127.0.0.1:0".parse().expect("static address");
+        let app = ingestor::App::build(settings).await.context("building the ingestor")?;
+        let http_addr = app.http_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app.run(shutdown.clone()));
+        Ok(Self {
+            shutdown,
+            task,
+            http_addr,
+        })
+    }
+
+    /// Graceful stop (drains the open batch).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("ingestor task")?
+    }
+}
+
+/// Settings of the ingestor for a simulated fleet.
+pub fn ingestor_settings(database_url: &str, mqtt: &MqttUrl, prefix: &str, client_id: &str) -> ingestor::Settings {
+    ingestor::Settings {
+        database_url: database_url.to_owned(),
+        mqtt_url: mqtt.clone(),
+        topic_prefix: prefix.to_owned(),
+        client_id: client_id.to_owned(),
+        ..ingestor::Settings::default()
+    }
+}
+
+/// One simulated TV box.
+pub struct Edge {
+    pub site_id: String,
+    pub data_dir: PathBuf,
+    pub outbox: Outbox,
+    settings: edge_publisher::Settings,
+    app: Option<edge_publisher::App>,
+    running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge").field("site_id", &self.site_id).finish()
+    }
+}
+
+/// Tuning shared by the simulated boxes.
+#[derive(Clone, Debug)]
+pub struct EdgeTuning {
+    pub batch_delay_ms: u64,
+    pub batch_max_impressions: usize,
+    pub max_inflight_batches: usize,
+    pub receipt_timeout_ms: u64,
+    pub sqlite_cache_kib: u32,
+}
+
+impl Default for EdgeTuning {
+    fn default() -> Self {
+        let d = edge_publisher::Settings::default();
+        Self {
+            batch_delay_ms: d.batch_delay_ms,
+            batch_max_impressions: d.batch_max_impressions,
+            max_inflight_batches: d.max_inflight_batches,
+            receipt_timeout_ms: d.receipt_timeout_ms,
+            sqlite_cache_kib: 256,
+        }
+    }
+}
+
+impl Edge {
+    /// Opens the box's outbox in `data_dir` (HTTP off); not publishing yet.
+    pub async fn open(
+        site_id: &str,
+        data_dir: PathBuf,
+        mqtt: &MqttUrl,
+        prefix: &str,
+        tuning: &EdgeTuning,
+    ) -> anyhow::Result<Self> {
+        let mut s = edge_publisher::Settings::for_site(site_id, data_dir.clone());
+        s.http_addr = None;
+        s.mqtt_url = mqtt.clone();
+        s.topic_prefix = prefix.to_owned();
+        s.batch_delay_ms = tuning.batch_delay_ms;
+        s.batch_max_impressions = tuning.batch_max_impressions;
+        s.max_inflight_batches = tuning.max_inflight_batches;
+        s.receipt_timeout_ms = tuning.receipt_timeout_ms;
+        s.sqlite_cache_kib = tuning.sqlite_cache_kib;
+        s.status_interval_ms = 60_000;
+        let app = edge_publisher::App::build(s.clone())
+            .await
+            .with_context(|| format!("opening edge {site_id}"))?;
+        Ok(Self {
+            site_id: site_id.to_owned(),
+            data_dir,
+            outbox: app.outbox().clone(),
+            settings: s,
+            app: Some(app),
+            running: None,
+        })
+    }
+
+    /// Starts publishing (connects to the broker).
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let app = match self.app.take() {
+            Some(a) => a,
+            None => {
+                let app = edge_publisher::App::build(self.settings.clone()).await?;
+                self.outbox = app.outbox().clone();
+                app
+            }
+        };
+        let token = CancellationToken::new();
+        let task = tokio::spawn(app.run(token.clone()));
+        self.running = Some((token, task));
+        Ok(())
+    }
+
+    /// Stops publishing and closes the outbox (a box switched off cleanly).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some((token, task)) = self.running.take() {
+            token.cancel();
+            task.await.context("edge task")??;
+        }
+        Ok(())
+    }
+
+    pub fn unconfirmed(&self) -> u64 {
+        self.outbox.counts().unconfirmed
+    }
+}
+
+/// A fleet's outboxes, summed.
+pub fn unconfirmed_total(edges: &[Edge]) -> u64 {
+    edges.iter().map(Edge::unconfirmed).sum()
+}
+
+/// Raises the open-file limit to its hard maximum (10,000 sessions need
+/// 10,000 sockets plus one SQLite file set per box). Returns the new soft limit.
+pub fn raise_fd_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            0
+        }
+    }
+}
+
+/// Polls `done` every 100 ms until it is true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut done: F) -> anyhow::Result<bool>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if done().await? {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
