@@ -34,7 +34,7 @@ pub mod settings;
 pub mod store;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +52,8 @@ pub struct Health {
     pub db: AtomicBool,
     /// Connected to the broker.
     pub mqtt: AtomicBool,
+    /// MQTT messages taken into a batch since start.
+    pub received: AtomicU64,
 }
 
 /// A built ingestor: HTTP listener bound, database pool created (lazily: the

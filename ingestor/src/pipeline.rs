@@ -149,6 +149,7 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
                         } else {
                             msg_no += 1;
                             metrics::counter!("ingestor_messages_received_total").increment(1);
+                            health.received.fetch_add(1, Ordering::Relaxed);
                             pending.push_back(PendingAck {
                                 msg_no,
                                 generation,
@@ -175,12 +176,23 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                        tracing::info!("disconnected from the broker");
+                        // Keep reading until the broker closes the socket:
+                        // closing ours with unread input (PUBACKs of the
+                        // receipts) would send a TCP RST, and the broker could
+                        // discard our last acks and receipts still in its
+                        // receive buffer.
+                        tracing::info!("DISCONNECT sent; waiting for the broker to close");
                         health.mqtt.store(false, Ordering::Relaxed);
-                        return Ok(());
+                        let linger = tokio::time::Instant::now() + Duration::from_secs(3);
+                        drain_deadline = Some(drain_deadline.map_or(linger, |d| d.min(linger)));
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        if disconnect_sent {
+                            tracing::info!("disconnected from the broker");
+                            health.mqtt.store(false, Ordering::Relaxed);
+                            return Ok(());
+                        }
                         if connected {
                             tracing::warn!(error = %e, "MQTT connection lost; unacked messages will be redelivered");
                         } else {
@@ -190,9 +202,6 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
                         health.mqtt.store(false, Ordering::Relaxed);
                         generation += 1;
                         delay = backoff.next();
-                        if disconnect_sent {
-                            return Ok(());
-                        }
                     }
                 }
                 poll_fut = poll_after(el, delay);
@@ -218,7 +227,9 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
                 tracing::info!(open_messages = open.as_ref().map_or(0, |b| b.msgs.len()), in_flight, "draining: no new messages taken");
             }
             () = async { tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if drain_deadline.is_some() => {
-                tracing::error!("drain deadline passed; unacked messages will be redelivered");
+                if !disconnect_sent {
+                    tracing::error!("drain deadline passed; unacked messages will be redelivered");
+                }
                 return Ok(());
             }
         }
@@ -229,7 +240,7 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
             if let Some(b) = &open {
                 let full = b.msgs.len() >= settings.batch_max_messages || b.rows >= settings.batch_max_rows;
                 let old = b.opened.elapsed() >= max_age;
-                if full || old || in_flight == 0 || draining {
+                if full || old || (in_flight == 0 && settings.seal_when_idle) || draining {
                     let b = open.take().expect("checked");
                     in_flight += 1;
                     spawn_batch(&settings, &topics, &pool, &health, b, done_tx.clone());

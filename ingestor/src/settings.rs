@@ -47,6 +47,8 @@ pub struct Settings {
     /// ...or when its oldest message is this old (milliseconds). An idle
     /// pipeline seals at once, so low load adds no latency.
     pub batch_max_age_ms: u64,
+    /// Seal at once when no batch is committing (no added latency at low load).
+    pub seal_when_idle: bool,
     /// Batches committing concurrently (one database connection each).
     pub writers: usize,
     /// Backoff between database retries.
@@ -79,6 +81,7 @@ impl Default for Settings {
             batch_max_messages: 64,
             batch_max_rows: 20_000,
             batch_max_age_ms: 50,
+            seal_when_idle: true,
             writers: 3,
             retry_min_ms: 100,
             retry_max_ms: 10_000,

@@ -1,0 +1,285 @@
+//! Shared test helpers: the real App in-process, a publisher that plays the
+//! edge (publishes envelopes, collects receipts), impressions, and bounded
+//! waits on database counts.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rumqttc::{AsyncClient, Event, Incoming, QoS};
+use schema::{derive_impression_id, BatchEnvelope, EventType, Impression, Period, Receipt, TopicKind, Topics, TriggerType};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const MOSQUITTO: &str = "mqtt://127.0.0.1:1883";
+
+/// URL of the database `pool` is connected to (the `#[sqlx::test]` one).
+pub async fn db_url(pool: &PgPool) -> String {
+    let name: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut u = url::Url::parse(&base).unwrap();
+    u.set_path(&format!("/{name}"));
+    // Sanity: parseable by sqlx.
+    PgConnectOptions::from_str(u.as_str()).unwrap();
+    u.to_string()
+}
+
+pub fn unique_topics() -> Topics {
+    Topics::new(format!("test/{}", Uuid::new_v4().simple())).unwrap()
+}
+
+pub fn unique_client_id() -> String {
+    format!("ingestor-test-{}", Uuid::new_v4().simple())
+}
+
+/// Settings for a test App: own prefix, own client id, port 0.
+pub async fn settings(pool: &PgPool, broker: &str, topics: &Topics, client_id: &str) -> ingestor::Settings {
+    let mut s = ingestor::Settings::default();
+    s.database_url = db_url(pool).await;
+    s.mqtt_url = broker.parse().unwrap();
+    s.http_addr = "127.0.0.1:0".parse().unwrap();
+    s.topic_prefix = topics.prefix().to_owned();
+    s.client_id = client_id.to_owned();
+    s.retry_min_ms = 50;
+    s.retry_max_ms = 1000;
+    s
+}
+
+pub struct Running {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+    pub http: std::net::SocketAddr,
+    pub health: std::sync::Arc<ingestor::Health>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("app stops within 60 s")
+            .expect("app task")
+            .expect("app result");
+    }
+}
+
+pub async fn start(settings: ingestor::Settings) -> Running {
+    runtime::tls::install_crypto_provider();
+    if std::env::var_os("RUST_LOG").is_some() {
+        runtime::telemetry::init(runtime::telemetry::LogFormat::Human);
+    }
+    let app = ingestor::App::build(settings).await.unwrap();
+    let http = app.http_addr();
+    let health = app.health();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(app.run(shutdown.clone()));
+    // Ready = migrated and connected to the broker (subscription follows the ConnAck).
+    wait_until(|| {
+        let h = health.clone();
+        async move {
+            h.db.load(std::sync::atomic::Ordering::Relaxed) && h.mqtt.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    })
+    .await;
+    // The SUBSCRIBE is sent right after the CONNACK; give it a moment on the broker.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Running {
+        shutdown,
+        task,
+        http,
+        health,
+    }
+}
+
+/// Polls `f` every 50 ms until it is true (panics after 60 s).
+pub async fn wait_until<F, Fut>(mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Waits until `sql` (a count) reaches at least `expected`, then returns its value.
+pub async fn wait_count(pool: &PgPool, sql: &str, expected: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1);
+        if n >= expected || tokio::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+/// `n` valid impressions of `site` with seqs `first..first+n`.
+pub fn impressions(site: &str, first: i64, n: usize) -> Vec<Impression> {
+    let base = schema::parse_timestamp("2025-12-14T20:00:00Z").unwrap();
+    (0..n as i64)
+        .map(|k| {
+            let seq = first + k;
+            let played_at = base + chrono::Duration::seconds(seq * 40);
+            Impression {
+                impression_id: derive_impression_id(site, "sponsor_coca_cola_30s.mp4", played_at),
+                site_id: site.into(),
+                seq: Some(seq),
+                video_id: None,
+                video_filename: "sponsor_coca_cola_30s.mp4".into(),
+                played_at,
+                duration_played: 30.0,
+                video_duration: 30.0,
+                completed: true,
+                event_type: EventType::Match,
+                period: if seq % 2 == 0 { Period::Halftime } else { Period::Loop },
+                trigger_type: TriggerType::Auto,
+                audience_estimate: Some(100),
+            }
+        })
+        .collect()
+}
+
+pub fn envelope(site: &str, outbox: Uuid, first: i64, n: usize) -> BatchEnvelope {
+    BatchEnvelope::new(site, outbox, impressions(site, first, n), now())
+}
+
+/// Plays the edge: publishes at QoS 1 and collects receipts.
+pub struct Edge {
+    pub client: AsyncClient,
+    pub receipts: mpsc::UnboundedReceiver<Receipt>,
+    pub topics: Topics,
+    task: JoinHandle<()>,
+}
+
+impl Edge {
+    pub async fn connect(broker: &str, topics: &Topics) -> Edge {
+        runtime::tls::install_crypto_provider();
+        let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+        let mut o = runtime::mqtt::ClientOptions::new(format!("edge-test-{}", Uuid::new_v4().simple()));
+        o.clean_session = true;
+        let (client, mut el) = AsyncClient::new(url.options(&o).unwrap(), 1000);
+        client
+            .subscribe(topics.all_sites(TopicKind::Receipts), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        if let Ok(r) = Receipt::decode(&p.payload) {
+                            let _ = tx.send(r);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .expect("edge subscribed")
+            .unwrap();
+        Edge {
+            client,
+            receipts: rx,
+            topics: topics.clone(),
+            task,
+        }
+    }
+
+    pub async fn publish_raw(&self, site: &str, payload: Vec<u8>) {
+        self.client
+            .publish(self.topics.impressions(site), QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish(&self, env: &BatchEnvelope) {
+        self.publish_raw(&env.site_id, env.encode()).await;
+    }
+
+    /// Collects `n` receipts (panics after 60 s).
+    pub async fn receipts(&mut self, n: usize) -> Vec<Receipt> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match tokio::time::timeout(Duration::from_secs(60), self.receipts.recv()).await {
+                Ok(Some(r)) => out.push(r),
+                _ => panic!("only {} of {n} receipts within 60 s", out.len()),
+            }
+        }
+        out
+    }
+
+    /// Receipts by batch id until every id of `ids` has one (panics after 60 s).
+    pub async fn receipts_for(&mut self, ids: &[Uuid]) -> HashMap<Uuid, Vec<Receipt>> {
+        let mut out: HashMap<Uuid, Vec<Receipt>> = HashMap::new();
+        while !ids.iter().all(|i| out.contains_key(i)) {
+            match tokio::time::timeout(Duration::from_secs(60), self.receipts.recv()).await {
+                Ok(Some(r)) => out.entry(r.batch_id).or_default().push(r),
+                _ => panic!("receipts missing for {} envelopes", ids.iter().filter(|i| !out.contains_key(i)).count()),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Removes the persistent session a test created on the shared broker.
+pub async fn forget_session(broker: &str, client_id: &str) {
+    let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+    let mut o = runtime::mqtt::ClientOptions::new(client_id);
+    o.clean_session = true;
+    let (client, mut el) = AsyncClient::new(url.options(&o).unwrap(), 10);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    let _ = client.disconnect().await;
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// The rollup must equal the raw rows (sum of impressions).
+pub async fn assert_rollup_matches(pool: &PgPool) {
+    let rows = count(pool, "SELECT count(*) FROM sponsor_impressions").await;
+    let rollup = count(pool, "SELECT coalesce(sum(impressions), 0)::int8 FROM sponsor_daily_stats").await;
+    assert_eq!(rollup, rows, "sponsor_daily_stats must count every row exactly once");
+}
