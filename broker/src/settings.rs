@@ -280,4 +280,15 @@ mod tests {
         assert!(BrokerSettings::default().limits.max_payload_size > schema::mqtt::MAX_PACKET_BYTES);
         BrokerSettings::for_tests().validate().unwrap();
     }
+
+    #[test]
+    fn example_config_parses_to_defaults() {
+        let s: BrokerSettings = toml::from_str(include_str!("../deploy/broker.toml.example")).unwrap();
+        s.validate().unwrap();
+        let d = BrokerSettings::default();
+        assert_eq!(s.listen, d.listen);
+        assert_eq!(s.limits.max_payload_size, d.limits.max_payload_size);
+        assert_eq!(s.log.ingestor_plan(), d.log.ingestor_plan());
+        assert_eq!(s.log.other_plan(), d.log.other_plan());
+    }
 }
