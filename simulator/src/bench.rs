@@ -1,1 +1,283 @@
-pub async fn run(_a: crate::cli::BenchArgs) -> anyhow::Result<bool> { anyhow::bail!("bench: not yet") }
+//! `neopro-sim bench`: end-to-end throughput and play-to-commit latency of
+//! the real pipeline, against a raw COPY of the same rows into the same table.
+//!
+//! ## What is measured
+//! 1. **Fill (not timed)**: N boxes' outboxes receive M plays each; the
+//!    ingestor is connected and subscribed.
+//! 2. **Throughput (timed)**: the clock starts when the N boxes start (MQTT
+//!    connect of every session included) and stops when every outbox is empty,
+//!    i.e. every impression went outbox → broker → ingestor → committed rows
+//!    and its receipt came back and deleted it. The committed row count is
+//!    then checked to be exactly N × M. `e2e_rows_per_s` = N × M / that time.
+//! 3. **Latency under steady load**: plays are handed to the boxes at a steady
+//!    rate (default: half the measured throughput) in small chunks, as TV
+//!    frontends post them. Play-to-commit latency of one impression =
+//!    `sponsor_impressions.received_at` (PostgreSQL's `now()` in the
+//!    committing transaction, so the commit itself, a few ms, is not
+//!    included) − the wall-clock moment the box was handed the play (same
+//!    machine, same clock). It includes the box's batch delay
+//!    (`--batch-delay-ms`), the broker, the ingestor's batching and the insert.
+//! 4. **Check**: every played impression stored exactly once, field by field,
+//!    rollup equal to raw rows, outboxes empty.
+//! 5. **Baseline**: `TRUNCATE` then a binary `COPY` of the step-2 rows into the
+//!    same `sponsor_impressions` table of the same database.
+//!
+//! The last line is exactly
+//! `e2e_rows_per_s=<n> copy_rows_per_s=<n> ratio=<x> p99_ms=<n>`.
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+use crate::catalogue::Catalogue;
+use crate::cli::BenchArgs;
+use crate::demo::run_identity;
+use crate::fleet::{self, BrokerChoice, Edge, EdgeTuning, Ingestor};
+use crate::pg;
+use crate::plays::{generate, FleetSpec};
+
+/// Rows per append while filling (one outbox transaction each).
+const FILL_CHUNK: usize = 500;
+/// Plays per append in the steady phase (a TV frontend's POST).
+const STEADY_CHUNK: usize = 25;
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
+    let f = &args.fleet;
+    let db_url = pg::with_database(&f.server_url(), &args.database)?;
+    let nofile = fleet::raise_fd_limit();
+    let n = args.sites;
+    let m = args.plays_per_site;
+    let broker_name = match &f.broker {
+        BrokerChoice::Embedded => "embedded".to_owned(),
+        BrokerChoice::Url(u) => u.parse::<runtime::mqtt::MqttUrl>().map(|u| u.to_string()).unwrap_or_default(),
+    };
+    println!(
+        "bench: sites={n} plays_per_site={m} rows={} broker={broker_name} batch_delay_ms={} batch_max_impressions={} nofile={nofile}",
+        n * m,
+        args.batch_delay_ms,
+        args.batch_max_impressions
+    );
+
+    if f.keep_database {
+        runtime::db::create_database_if_missing(&db_url).await?;
+    } else {
+        pg::recreate_database(&db_url).await?;
+    }
+    let pool = runtime::db::connect(&db_url, 4).await?;
+    runtime::db::migrate(&pool).await?;
+    let catalogue = Catalogue::standard();
+    let spec = FleetSpec {
+        sites: n,
+        plays_per_site: m,
+        seed: f.seed,
+        end_day: f.end_day(),
+        site_prefix: "bench".into(),
+    };
+    let sites = generate(&spec, &catalogue);
+    pg::insert_catalogue(&pool, &catalogue, &sites).await?;
+
+    let (prefix, ingestor_id) = run_identity(&f.broker);
+    let broker = fleet::start_broker(&f.broker, &prefix, |s| {
+        s.limits.max_connections = s.limits.max_connections.max(n + 64);
+    })?;
+    let ingestor = Ingestor::start(fleet::ingestor_settings(&db_url, &broker.url, &prefix, &ingestor_id)).await?;
+    ingestor.wait_connected(Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 1. Fill the outboxes (not timed).
+    let dir = tempfile::Builder::new().prefix("neopro-bench-").tempdir()?;
+    let tuning = EdgeTuning {
+        batch_delay_ms: args.batch_delay_ms,
+        batch_max_impressions: args.batch_max_impressions,
+        ..EdgeTuning::default()
+    };
+    let fill_start = Instant::now();
+    let mut edges = Vec::with_capacity(n);
+    for s in &sites {
+        edges.push(Edge::open(&s.site_id, dir.path().join(&s.site_id), &broker.url, &prefix, &tuning).await?);
+    }
+    let fills = futures::stream::iter(sites.iter().zip(&edges).map(|(s, e)| async move {
+        for c in s.plays.chunks(FILL_CHUNK) {
+            e.outbox.append(c.to_vec()).await?;
+        }
+        anyhow::Ok(())
+    }))
+    .buffer_unordered(64)
+    .collect::<Vec<_>>()
+    .await;
+    for r in fills {
+        r.context("filling an outbox")?;
+    }
+    anyhow::ensure!(fleet::unconfirmed_total(&edges) == (n * m) as u64, "outboxes hold fewer plays than generated");
+    println!(
+        "fill: {} plays into {n} outboxes in {:.1}s (not timed)",
+        n * m,
+        fill_start.elapsed().as_secs_f64()
+    );
+
+    // 2. Throughput: start every box; stop when every outbox is empty.
+    let t0 = Instant::now();
+    for e in &mut edges {
+        e.start().await?;
+    }
+    let started_in = t0.elapsed();
+    let done = fleet::wait_until(Duration::from_secs(args.timeout_secs), || {
+        let left = fleet::unconfirmed_total(&edges);
+        async move { Ok(left == 0) }
+    })
+    .await?;
+    let e2e_elapsed = t0.elapsed();
+    anyhow::ensure!(
+        done,
+        "timeout: {} impressions still unconfirmed after {} s",
+        fleet::unconfirmed_total(&edges),
+        args.timeout_secs
+    );
+    let committed = pg::total_count(&pool).await?;
+    anyhow::ensure!(
+        committed as usize == n * m,
+        "outboxes are empty but {committed} rows are committed, expected {}",
+        n * m
+    );
+    let e2e_rate = (n * m) as f64 / e2e_elapsed.as_secs_f64();
+    println!(
+        "e2e: {} rows committed and confirmed in {:.2}s = {:.0} rows/s (the {n} sessions connected within the first {:.2}s)",
+        n * m,
+        e2e_elapsed.as_secs_f64(),
+        e2e_rate,
+        started_in.as_secs_f64()
+    );
+
+    // 3. Latency under steady load.
+    let mut steady_plays = Vec::new();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");
+    if args.steady_secs > 0.0 {
+        let rate = args.steady_rate.unwrap_or(e2e_rate / 2.0).max(1.0);
+        let per_site = ((rate * args.steady_secs) / n as f64).ceil() as usize + 1;
+        let bigger = generate(
+            &FleetSpec {
+                plays_per_site: m + per_site,
+                ..spec.clone()
+            },
+            &catalogue,
+        );
+        // The newest `m` plays of each site are those of step 2; the older
+        // `per_site` ones are new.
+        let queues: Vec<Vec<schema::Impression>> = bigger.into_iter().map(|s| s.plays[..per_site].to_vec()).collect();
+        let mut sent_at: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
+        let mut cursor = vec![0usize; n];
+        let t1 = Instant::now();
+        let mut handed = 0usize;
+        let mut next_site = 0usize;
+        let tick = Duration::from_millis(20);
+        while t1.elapsed().as_secs_f64() < args.steady_secs {
+            let due = (rate * t1.elapsed().as_secs_f64()) as usize;
+            while handed + STEADY_CHUNK <= due {
+                let i = next_site % n;
+                next_site += 1;
+                let q = &queues[i];
+                let from = cursor[i];
+                let to = (from + STEADY_CHUNK).min(q.len());
+                if from >= to {
+                    if cursor.iter().zip(&queues).all(|(c, q)| *c >= q.len()) {
+                        break;
+                    }
+                    continue;
+                }
+                cursor[i] = to;
+                let chunk = q[from..to].to_vec();
+                let now = Utc::now();
+                for p in &chunk {
+                    sent_at.insert(p.impression_id, now);
+                }
+                handed += chunk.len();
+                edges[i].outbox.append(chunk).await?;
+            }
+            tokio::time::sleep(tick).await;
+        }
+        let achieved = handed as f64 / t1.elapsed().as_secs_f64();
+        let settled = fleet::wait_until(Duration::from_secs(args.timeout_secs), || {
+            let left = fleet::unconfirmed_total(&edges);
+            async move { Ok(left == 0) }
+        })
+        .await?;
+        anyhow::ensure!(settled, "timeout waiting for the steady-load plays to be confirmed");
+        let ids: Vec<Uuid> = sent_at.keys().copied().collect();
+        let rows: Vec<(Uuid, DateTime<Utc>)> =
+            sqlx::query_as("SELECT impression_id, received_at FROM sponsor_impressions WHERE impression_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&pool)
+                .await?;
+        for (id, received) in &rows {
+            if let Some(s) = sent_at.get(id) {
+                let ms = (*received - *s).num_milliseconds().max(1) as u64;
+                hist.saturating_record(ms);
+            }
+        }
+        println!(
+            "steady: target {rate:.0} plays/s, handed {handed} plays in {:.1}s ({achieved:.0}/s) in chunks of {STEADY_CHUNK}; play-to-commit latency ms p50={} p90={} p99={} max={} (n={})",
+            t1.elapsed().as_secs_f64(),
+            hist.value_at_quantile(0.50),
+            hist.value_at_quantile(0.90),
+            hist.value_at_quantile(0.99),
+            hist.max(),
+            hist.len()
+        );
+        for (i, q) in queues.into_iter().enumerate() {
+            steady_plays.extend(q.into_iter().take(cursor[i]));
+        }
+    }
+
+    for e in &mut edges {
+        let _ = e.stop().await;
+    }
+    let _ = ingestor.stop().await;
+
+    // 4. Exactly once.
+    let rec = pg::reconcile(&pool, sites.iter().flat_map(|s| s.plays.iter()).chain(steady_plays.iter())).await?;
+    println!(
+        "check: played={} stored={} duplicates={} missing={} unexpected={} mismatched={} rejected={} rollup={} outboxes_unconfirmed={}",
+        rec.played,
+        rec.stored,
+        rec.duplicate_rows(),
+        rec.missing.len(),
+        rec.unexpected.len(),
+        rec.mismatched.len(),
+        rec.rejected,
+        rec.rollup_impressions,
+        fleet::unconfirmed_total(&edges)
+    );
+    let exact = rec.is_exact() && fleet::unconfirmed_total(&edges) == 0;
+    if !exact {
+        println!("MISMATCH:\n{}", rec.diff(10));
+    }
+
+    // 5. The baseline: the step-2 rows, raw binary COPY, same table.
+    let rows: Vec<&schema::Impression> = sites.iter().flat_map(|s| s.plays.iter()).collect();
+    let copy = pg::copy_baseline(&pool, &rows, args.copy_chunk).await?;
+    println!(
+        "copy: {} rows in {:.2}s = {:.0} rows/s (binary COPY, {} rows per statement, same table, truncated first)",
+        copy.rows,
+        copy.elapsed.as_secs_f64(),
+        copy.rows_per_s(),
+        args.copy_chunk
+    );
+    pool.close().await;
+
+    let p99 = if hist.is_empty() {
+        "nan".to_owned()
+    } else {
+        hist.value_at_quantile(0.99).to_string()
+    };
+    println!(
+        "e2e_rows_per_s={:.0} copy_rows_per_s={:.0} ratio={:.2} p99_ms={p99}",
+        e2e_rate,
+        copy.rows_per_s(),
+        e2e_rate / copy.rows_per_s()
+    );
+    Ok(exact)
+}

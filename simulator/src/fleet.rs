@@ -78,6 +78,7 @@ pub struct Ingestor {
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
     pub http_addr: std::net::SocketAddr,
+    pub health: std::sync::Arc<ingestor::Health>,
 }
 
 impl std::fmt::Debug for Ingestor {
@@ -92,13 +93,27 @@ impl Ingestor {
         settings.http_addr = "127.0.0.1:0".parse().expect("static address");
         let app = ingestor::App::build(settings).await.context("building the ingestor")?;
         let http_addr = app.http_addr();
+        let health = app.health();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run(shutdown.clone()));
         Ok(Self {
             shutdown,
             task,
             http_addr,
+            health,
         })
+    }
+
+    /// Waits until the ingestor is connected to the broker (subscribed).
+    pub async fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
+        let h = self.health.clone();
+        let ok = wait_until(timeout, || {
+            let h = h.clone();
+            async move { Ok(h.mqtt.load(std::sync::atomic::Ordering::Relaxed)) }
+        })
+        .await?;
+        anyhow::ensure!(ok, "the ingestor did not connect to the broker within {timeout:?}");
+        Ok(())
     }
 
     /// Graceful stop (drains the open batch).
@@ -228,6 +243,17 @@ pub fn unconfirmed_total(edges: &[Edge]) -> u64 {
 /// Raises the open-file limit to its hard maximum (10,000 sessions need
 /// 10,000 sockets plus one SQLite file set per box). Returns the new soft limit.
 pub fn raise_fd_limit() -> u64 {
+    // As root (containers, CI) the hard limit itself can be raised; each box
+    // needs a socket and its SQLite files (database, WAL, shared memory).
+    const WANT: u64 = 1 << 20;
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
+        if hard < WANT && rlimit::Resource::NOFILE.set(WANT, WANT).is_ok() {
+            return WANT;
+        }
+        if soft >= WANT {
+            return soft;
+        }
+    }
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
         Err(e) => {
