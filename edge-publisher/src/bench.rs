@@ -135,21 +135,26 @@ pub fn bodies(total: usize, batch: usize, salt: &str) -> Vec<Bytes> {
                 })
             })
             .collect();
-        out.push(Bytes::from(serde_json::to_vec(&serde_json::json!({ "impressions": recs })).unwrap_or_default()));
+        out.push(Bytes::from(
+            serde_json::to_vec(&serde_json::json!({ "impressions": recs })).unwrap_or_default(),
+        ));
         i += n;
     }
     out
 }
 
 /// POSTs every body with `clients` in flight; returns (seconds, impressions acknowledged).
-async fn post_all(http: &reqwest::Client, url: &str, bodies: Vec<Bytes>, per: usize, clients: usize) -> anyhow::Result<(f64, u64)> {
+async fn post_all(
+    http: &reqwest::Client,
+    url: &str,
+    bodies: Vec<Bytes>,
+    per: usize,
+    clients: usize,
+) -> anyhow::Result<(f64, u64)> {
     let started = Instant::now();
     let results: Vec<anyhow::Result<u64>> = futures::stream::iter(bodies.into_iter().map(|b| {
         let n = per;
-        let req = http
-            .post(url)
-            .header("content-type", "application/json")
-            .body(b);
+        let req = http.post(url).header("content-type", "application/json").body(b);
         async move {
             let r = req.send().await?;
             let status = r.status();
@@ -183,7 +188,11 @@ async fn baseline_server(dir: PathBuf) -> anyhow::Result<(String, tokio::task::J
         let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             use std::io::Write;
             let v: serde_json::Value = serde_json::from_slice(&body)?;
-            let new = v.get("impressions").and_then(|x| x.as_array()).cloned().unwrap_or_default();
+            let new = v
+                .get("impressions")
+                .and_then(|x| x.as_array())
+                .cloned()
+                .unwrap_or_default();
             let mut buf: Vec<serde_json::Value> = match std::fs::read(&*path) {
                 Ok(b) => serde_json::from_slice(&b)?,
                 Err(_) => Vec::new(),
@@ -240,10 +249,21 @@ pub async fn run(args: BenchArgs, mqtt_url: Option<String>) -> anyhow::Result<()
     let prefix = format!("bench/{tag}");
     let dir = std::env::temp_dir().join(format!("neopro-edge-bench-{tag}"));
     std::fs::create_dir_all(&dir)?;
-    let http = reqwest::Client::builder().pool_max_idle_per_host(args.clients * 2).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients * 2)
+        .build()?;
 
-    println!("neopro-edge bench ({profile} build), {} clients over loopback, data in {}", args.clients, dir.display());
-    println!("binary size: {:.2} MiB ({} bytes) {}", size as f64 / 1048576.0, size, exe.display());
+    println!(
+        "neopro-edge bench ({profile} build), {} clients over loopback, data in {}",
+        args.clients,
+        dir.display()
+    );
+    println!(
+        "binary size: {:.2} MiB ({} bytes) {}",
+        size as f64 / 1048576.0,
+        size,
+        exe.display()
+    );
 
     // Phase 1: POST throughput with the broker unreachable (nothing drains).
     let edge = spawn_edge(&exe, &dir, &site, &prefix, "mqtt://127.0.0.1:9", "edge-post.log")?;
@@ -263,7 +283,11 @@ pub async fn run(args: BenchArgs, mqtt_url: Option<String>) -> anyhow::Result<()
     let r50 = n50 as f64 / s50;
     println!("edge POST batch=50: {n50} impressions acknowledged durable in {s50:.2} s = {r50:.0} impressions/s");
     let (rss_after, hwm) = rss_kib(pid).unwrap_or_default();
-    println!("edge RSS under POST load: peak (VmHWM) {:.1} MiB, after {:.1} MiB", mib(hwm), mib(rss_after));
+    println!(
+        "edge RSS under POST load: peak (VmHWM) {:.1} MiB, after {:.1} MiB",
+        mib(hwm),
+        mib(rss_after)
+    );
     let queued = outbox_count(&http, &edge.base).await.unwrap_or(0);
     drop(edge); // SIGKILL: what was acknowledged must survive it
     let total = n1 + n50;
@@ -297,7 +321,11 @@ pub async fn run(args: BenchArgs, mqtt_url: Option<String>) -> anyhow::Result<()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (idle_after, _) = rss_kib(pid).unwrap_or_default();
-    println!("edge RSS draining: peak (VmHWM) {:.1} MiB; idle after drain {:.1} MiB", mib(drain_hwm), mib(idle_after));
+    println!(
+        "edge RSS draining: peak (VmHWM) {:.1} MiB; idle after drain {:.1} MiB",
+        mib(drain_hwm),
+        mib(idle_after)
+    );
     drop(edge);
     peer.stop();
 
@@ -305,15 +333,33 @@ pub async fn run(args: BenchArgs, mqtt_url: Option<String>) -> anyhow::Result<()
     let bdir = dir.join("baseline");
     std::fs::create_dir_all(&bdir)?;
     let (burl, h) = baseline_server(bdir.clone()).await?;
-    let (bs1, bn1) = post_all(&http, &burl, bodies(args.baseline, 1, &format!("{tag}c")), 1, args.clients).await?;
+    let (bs1, bn1) = post_all(
+        &http,
+        &burl,
+        bodies(args.baseline, 1, &format!("{tag}c")),
+        1,
+        args.clients,
+    )
+    .await?;
     let br1 = bn1 as f64 / bs1;
     println!("baseline (seed: JSON buffer file rewritten + fsync per POST) batch=1:  {bn1} impressions in {bs1:.2} s = {br1:.0} impressions/s");
     let _ = std::fs::remove_file(bdir.join("sponsor_impressions.json"));
-    let (bs50, bn50) = post_all(&http, &burl, bodies(args.baseline, 50, &format!("{tag}d")), 50, args.clients).await?;
+    let (bs50, bn50) = post_all(
+        &http,
+        &burl,
+        bodies(args.baseline, 50, &format!("{tag}d")),
+        50,
+        args.clients,
+    )
+    .await?;
     let br50 = bn50 as f64 / bs50;
     println!("baseline (seed: JSON buffer file rewritten + fsync per POST) batch=50: {bn50} impressions in {bs50:.2} s = {br50:.0} impressions/s");
     h.abort();
-    println!("ratio edge/baseline: batch=1 {:.1}x, batch=50 {:.1}x", r1 / br1, r50 / br50);
+    println!(
+        "ratio edge/baseline: batch=1 {:.1}x, batch=50 {:.1}x",
+        r1 / br1,
+        r50 / br50
+    );
     let ok = |b: bool| if b { "met" } else { "NOT met" };
     println!(
         "targets: >= 20000 impressions/s at batch=50: {} ({r50:.0}); idle RSS <= 15 MiB: {} ({:.1}); binary <= 15 MiB: {} ({:.2})",

@@ -32,8 +32,14 @@ pub struct ImportReport {
 pub async fn import(settings: &Settings, file: &Path, progress: bool) -> anyhow::Result<ImportReport> {
     settings.validate()?;
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let parsed = schema::parse_body(&bytes, BodyShape::ObjectOrArray, Some(&settings.site_id), Utc::now(), false)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let parsed = schema::parse_body(
+        &bytes,
+        BodyShape::ObjectOrArray,
+        Some(&settings.site_id),
+        Utc::now(),
+        false,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let cfg = settings.outbox_config();
     let site = settings.site_id.clone();
     let outbox = tokio::task::spawn_blocking(move || Outbox::open(cfg, &site)).await??;

@@ -104,7 +104,10 @@ async fn post_impressions(State(st): State<HttpState>, body: Result<Bytes, Bytes
         let first = parsed.refused.first().map(ToString::to_string).unwrap_or_default();
         return fail(
             StatusCode::BAD_REQUEST,
-            format!("no valid impression in the body ({} refused); first problem: {first}", received),
+            format!(
+                "no valid impression in the body ({} refused); first problem: {first}",
+                received
+            ),
             json!({"received": received, "refused": refused_json(&parsed.refused)}),
         );
     }
@@ -141,7 +144,11 @@ async fn post_impressions(State(st): State<HttpState>, body: Result<Bytes, Bytes
         Err(e) => {
             tracing::error!(error = %e, "storing impressions failed");
             metrics::counter!("edge_http_refused_total", "status" => "503").increment(1);
-            fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), json!({"received": received}))
+            fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.to_string(),
+                json!({"received": received}),
+            )
         }
     }
 }
@@ -162,10 +169,7 @@ async fn keep_refused(outbox: &Outbox, bytes: &[u8], errors: &[FieldError]) {
     let recs: Vec<RefusedRecord> = by_index
         .into_iter()
         .map(|(i, errs)| RefusedRecord {
-            raw: records
-                .and_then(|r| r.get(i))
-                .map(Value::to_string)
-                .unwrap_or_default(),
+            raw: records.and_then(|r| r.get(i)).map(Value::to_string).unwrap_or_default(),
             reason: errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
         })
         .collect();

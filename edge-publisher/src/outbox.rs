@@ -378,12 +378,8 @@ pub struct ExportRow {
 }
 
 /// Streams every stored row in seq order to `f` (read-only; safe while the service runs).
-pub fn export_rows(
-    conn: &Connection,
-    mut f: impl FnMut(ExportRow) -> anyhow::Result<()>,
-) -> anyhow::Result<u64> {
-    let mut stmt =
-        conn.prepare("SELECT state, attempts, enqueued_at, published_at, body FROM outbox ORDER BY seq")?;
+pub fn export_rows(conn: &Connection, mut f: impl FnMut(ExportRow) -> anyhow::Result<()>) -> anyhow::Result<u64> {
+    let mut stmt = conn.prepare("SELECT state, attempts, enqueued_at, published_at, body FROM outbox ORDER BY seq")?;
     let mut rows = stmt.query([])?;
     let mut n = 0;
     while let Some(r) = rows.next()? {
@@ -409,10 +405,7 @@ impl Outbox {
             .map_err(|e| OutboxError::Storage(format!("creating {}: {e}", cfg.data_dir.display())))?;
         let conn = open_connection(&cfg.path(), cfg.cache_kib)?;
         let (site, outbox_id) = identity(&conn, Some(site_id))?;
-        let requeued = conn.execute(
-            "UPDATE outbox SET state = 'pending' WHERE state = 'published'",
-            [],
-        )?;
+        let requeued = conn.execute("UPDATE outbox SET state = 'pending' WHERE state = 'published'", [])?;
         let (rows, unsent, bytes): (i64, i64, i64) = conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(length(body)), 0) FROM outbox",
             [],
@@ -485,7 +478,10 @@ impl Outbox {
         self.shared.pending.notified().await;
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Cmd) -> Result<T, OutboxError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Cmd,
+    ) -> Result<T, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).map_err(|_| OutboxError::Closed)?;
         rx.await.map_err(|_| OutboxError::Closed)?
@@ -567,10 +563,19 @@ struct Delta {
 }
 
 enum Reply {
-    Append(oneshot::Sender<Result<AppendOutcome, OutboxError>>, Result<AppendOutcome, OutboxError>),
-    Claim(oneshot::Sender<Result<Vec<Claimed>, OutboxError>>, Result<Vec<Claimed>, OutboxError>),
+    Append(
+        oneshot::Sender<Result<AppendOutcome, OutboxError>>,
+        Result<AppendOutcome, OutboxError>,
+    ),
+    Claim(
+        oneshot::Sender<Result<Vec<Claimed>, OutboxError>>,
+        Result<Vec<Claimed>, OutboxError>,
+    ),
     Count(oneshot::Sender<Result<u64, OutboxError>>, Result<u64, OutboxError>),
-    Stats(oneshot::Sender<Result<FileStats, OutboxError>>, Result<FileStats, OutboxError>),
+    Stats(
+        oneshot::Sender<Result<FileStats, OutboxError>>,
+        Result<FileStats, OutboxError>,
+    ),
 }
 
 impl Reply {
@@ -801,7 +806,11 @@ impl Writer {
                     unsent: (self.shared.unsent.load(Ordering::Acquire) as i64 + so_far.unsent) as u64,
                     bytes: (self.shared.bytes.load(Ordering::Acquire) as i64 + so_far.bytes) as u64,
                 };
-                (Reply::Stats(tx, stats_with_counts(&self.conn, c)), Delta::default(), true)
+                (
+                    Reply::Stats(tx, stats_with_counts(&self.conn, c)),
+                    Delta::default(),
+                    true,
+                )
             }
             Cmd::Close(_) => unreachable!("filtered before"),
         }
@@ -825,6 +834,16 @@ impl Writer {
             imp.seq = Some(seq);
             let body = serde_json::to_string(&imp).map_err(|e| OutboxError::Storage(e.to_string()))?;
             if rows + 1 > cfg.max_rows || bytes + body.len() as u64 > cfg.max_bytes {
+                // At the limit, a retry of something already stored is still fine.
+                let present: bool = self.conn.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE impression_id = ?1)",
+                    [imp.impression_id.as_bytes().as_slice()],
+                    |r| r.get(0),
+                )?;
+                if present {
+                    out.duplicates += 1;
+                    continue;
+                }
                 metrics::counter!("edge_outbox_full_refusals_total").increment(1);
                 return Err(OutboxError::Full {
                     rows,
@@ -881,7 +900,12 @@ impl Writer {
             self.conn.execute(
                 "UPDATE outbox SET state = 'published', batch_id = ?1, published_at = ?2, attempts = attempts + 1
                  WHERE state = 'pending' AND seq BETWEEN ?3 AND ?4",
-                params![batch_id.as_bytes().as_slice(), Utc::now().timestamp_millis(), first.seq, last.seq],
+                params![
+                    batch_id.as_bytes().as_slice(),
+                    Utc::now().timestamp_millis(),
+                    first.seq,
+                    last.seq
+                ],
             )?;
         }
         Ok(out)
@@ -994,7 +1018,10 @@ mod tests {
         assert_eq!((st.unconfirmed, st.unsent, st.next_seq), (1, 0, 10));
         assert!(st.last_receipt_at.is_some());
         ob.close().await;
-        assert!(matches!(ob.append(vec![imp("s1", 200)]).await, Err(OutboxError::Closed)));
+        assert!(matches!(
+            ob.append(vec![imp("s1", 200)]).await,
+            Err(OutboxError::Closed)
+        ));
         // Another site's outbox is refused.
         assert!(Outbox::open(OutboxConfig::new(dir.path()), "s2").is_err());
     }
@@ -1017,7 +1044,11 @@ mod tests {
         ob.close().await;
         let ob = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
         assert_eq!(ob.counts().unconfirmed, 8);
-        assert_eq!(ob.counts().unsent, 8, "every published row is pending again after a restart");
+        assert_eq!(
+            ob.counts().unsent,
+            8,
+            "every published row is pending again after a restart"
+        );
         ob.close().await;
     }
 
@@ -1035,7 +1066,10 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap().inserted, 20);
         }
         let c = ob.claim(10_000, 1 << 30, Uuid::now_v7()).await.unwrap();
-        assert_eq!(c.iter().map(|c| c.seq).collect::<Vec<_>>(), (1..=1000).collect::<Vec<_>>());
+        assert_eq!(
+            c.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            (1..=1000).collect::<Vec<_>>()
+        );
         ob.close().await;
     }
 
@@ -1048,7 +1082,11 @@ mod tests {
         ob.append(vec![imp("s1", 0), imp("s1", 1)]).await.unwrap();
         let e = ob.append((2..10).map(|k| imp("s1", k)).collect()).await.unwrap_err();
         assert!(matches!(e, OutboxError::Full { .. }), "{e}");
-        assert_eq!(ob.counts().unconfirmed, 2, "nothing of the refused append, nothing evicted");
+        assert_eq!(
+            ob.counts().unconfirmed,
+            2,
+            "nothing of the refused append, nothing evicted"
+        );
         assert!(ob.near_full());
         ob.close().await;
     }

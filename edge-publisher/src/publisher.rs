@@ -77,7 +77,9 @@ impl BrokerHealth {
     pub fn snapshot(&self, url: String) -> BrokerSnapshot {
         let ms = |a: &AtomicI64| {
             let v = a.load(Ordering::Acquire);
-            (v > 0).then(|| chrono::TimeZone::timestamp_millis_opt(&Utc, v).single()).flatten()
+            (v > 0)
+                .then(|| chrono::TimeZone::timestamp_millis_opt(&Utc, v).single())
+                .flatten()
         };
         BrokerSnapshot {
             connected: self.connected(),
@@ -95,7 +97,8 @@ impl BrokerHealth {
 
     fn set_connected(&self, c: bool) {
         self.connected.store(c, Ordering::Release);
-        self.last_change_ms.store(Utc::now().timestamp_millis(), Ordering::Release);
+        self.last_change_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Release);
     }
 }
 
@@ -210,7 +213,8 @@ impl Publisher {
         let mut stalled = false;
         let mut status_tick = tokio::time::interval(Duration::from_millis(s.status_interval_ms.max(1000)));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut check_tick = tokio::time::interval((timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
+        let mut check_tick =
+            tokio::time::interval((timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
         check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {

@@ -127,11 +127,12 @@ fn answer(st: &Mutex<PeerState>, site: &str, payload: &[u8]) -> Option<Receipt> 
             let seqs: Vec<i64> = b.valid.iter().filter_map(|i| i.seq).collect();
             st.received += b.valid.len() as u64;
             for imp in b.valid {
-                if st.committed.contains_key(&imp.impression_id) {
-                    duplicates += 1;
-                } else {
-                    inserted += 1;
-                    st.committed.insert(imp.impression_id, imp);
+                match st.committed.entry(imp.impression_id) {
+                    std::collections::hash_map::Entry::Occupied(_) => duplicates += 1,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        inserted += 1;
+                        v.insert(imp);
+                    }
                 }
             }
             st.duplicates += duplicates;

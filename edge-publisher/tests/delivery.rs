@@ -35,13 +35,14 @@ async fn lost_receipts_are_republished_after_the_timeout_and_the_outbox_empties(
         async move { o.counts().unconfirmed == 0 }
     })
     .await;
-    let p = peer.state.lock().unwrap();
-    assert_eq!(p.dropped, 3, "three receipts were lost");
-    let want: HashSet<_> = recs.iter().map(|r| id_of(&edge.site, r)).collect();
-    let got: HashSet<_> = p.committed.keys().copied().collect();
-    assert_eq!(got, want);
-    assert!(p.duplicates >= 1, "the lost batches came again: {}", p.duplicates);
-    drop(p);
+    {
+        let p = peer.state.lock().unwrap();
+        assert_eq!(p.dropped, 3, "three receipts were lost");
+        let want: HashSet<_> = recs.iter().map(|r| id_of(&edge.site, r)).collect();
+        let got: HashSet<_> = p.committed.keys().copied().collect();
+        assert_eq!(got, want);
+        assert!(p.duplicates >= 1, "the lost batches came again: {}", p.duplicates);
+    }
     assert!(edge.health.snapshot(String::new()).republished_batches >= 3);
     assert!(seqs_are_contiguous(&peer));
     edge.stop().await;
@@ -105,7 +106,15 @@ struct ChildEdge {
 fn spawn_edge(data: &std::path::Path, site: &str, prefix: &str) -> ChildEdge {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_neopro-edge"))
-        .args(["run", "--site-id", site, "--topic-prefix", prefix, "--mqtt-url", MOSQUITTO])
+        .args([
+            "run",
+            "--site-id",
+            site,
+            "--topic-prefix",
+            prefix,
+            "--mqtt-url",
+            MOSQUITTO,
+        ])
         .arg("--data-dir")
         .arg(data)
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
@@ -138,7 +147,10 @@ async fn kill_9_mid_stream_loses_no_acknowledged_impression_and_duplicates_none(
     let prefix = prefix();
     let site = unique("kill");
     let peer = ReceiptPeer::start(&MOSQUITTO.parse().unwrap(), &prefix, 0).unwrap();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let mut acked: HashSet<uuid::Uuid> = HashSet::new();
     let mut sent: HashSet<uuid::Uuid> = HashSet::new();
     let all = records("k9", 0, 1200);
@@ -152,7 +164,10 @@ async fn kill_9_mid_stream_loses_no_acknowledged_impression_and_duplicates_none(
         let chunks: Vec<Vec<serde_json::Value>> = slice.chunks(3).map(<[_]>::to_vec).collect();
         let mut results = Vec::new();
         let mut stream = futures::stream::iter(chunks.into_iter().map(|c| {
-            let req = http.post(&url).header("content-type", "application/json").body(body(&c));
+            let req = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body(&c));
             async move { (c, req.send().await.map(|r| r.status().as_u16())) }
         }))
         .buffer_unordered(4);
@@ -177,7 +192,11 @@ async fn kill_9_mid_stream_loses_no_acknowledged_impression_and_duplicates_none(
             }
         }
         if round == 0 {
-            assert!(acked.len() >= 100 * 3 - 12, "most POSTs before the kill were acknowledged: {}", acked.len());
+            assert!(
+                acked.len() >= 100 * 3 - 12,
+                "most POSTs before the kill were acknowledged: {}",
+                acked.len()
+            );
             assert!(acked.len() < 600, "the kill interrupted the stream");
         } else {
             // Drain with the restarted edge.
@@ -192,14 +211,21 @@ async fn kill_9_mid_stream_loses_no_acknowledged_impression_and_duplicates_none(
                 }
             })
             .await;
-            let _ = Command::new("kill").arg("-TERM").arg(edge.child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(edge.child.id().to_string())
+                .status();
             let _ = edge.child.wait();
         }
     }
     let p = peer.state.lock().unwrap();
     let committed: HashSet<_> = p.committed.keys().copied().collect();
     let missing: Vec<_> = acked.difference(&committed).collect();
-    assert!(missing.is_empty(), "{} acknowledged impressions never committed", missing.len());
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged impressions never committed",
+        missing.len()
+    );
     assert!(committed.is_subset(&sent), "nothing that was not sent");
     drop(p);
     assert!(seqs_are_contiguous(&peer), "seqs 1..=n, each once, across the crash");
@@ -232,11 +258,25 @@ async fn legacy_buffer_import_is_idempotent_reports_refusals_and_is_delivered() 
     };
     let file_s = file.to_str().unwrap();
     let r1: serde_json::Value = serde_json::from_str(&run(&["import", file_s, "--json"])).unwrap();
-    assert_eq!((r1["imported"].as_u64(), r1["already_present"].as_u64()), (Some(2), Some(0)), "{r1}");
+    assert_eq!(
+        (r1["imported"].as_u64(), r1["already_present"].as_u64()),
+        (Some(2), Some(0)),
+        "{r1}"
+    );
     assert_eq!(r1["refused"].as_array().unwrap().len(), 1);
-    assert!(r1["refused"][0].as_str().unwrap().starts_with("impressions[2].trigger_type"), "{r1}");
+    assert!(
+        r1["refused"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("impressions[2].trigger_type"),
+        "{r1}"
+    );
     let r2: serde_json::Value = serde_json::from_str(&run(&["import", file_s, "--json"])).unwrap();
-    assert_eq!((r2["imported"].as_u64(), r2["already_present"].as_u64()), (Some(0), Some(2)), "{r2}");
+    assert_eq!(
+        (r2["imported"].as_u64(), r2["already_present"].as_u64()),
+        (Some(0), Some(2)),
+        "{r2}"
+    );
 
     // The operator commands see them.
     let st: serde_json::Value = serde_json::from_str(&run(&["status"])).unwrap();
@@ -255,13 +295,14 @@ async fn legacy_buffer_import_is_idempotent_reports_refusals_and_is_delivered() 
         async move { o.counts().unconfirmed == 0 }
     })
     .await;
-    let p = peer.state.lock().unwrap();
-    for r in &recs[..2] {
-        let imp = p.committed.get(&id_of(&site, r)).expect("delivered");
-        assert_eq!(imp.video_filename, r["video_filename"].as_str().unwrap());
-        assert_eq!(imp.audience_estimate, Some(150));
+    {
+        let p = peer.state.lock().unwrap();
+        for r in &recs[..2] {
+            let imp = p.committed.get(&id_of(&site, r)).expect("delivered");
+            assert_eq!(imp.video_filename, r["video_filename"].as_str().unwrap());
+            assert_eq!(imp.audience_estimate, Some(150));
+        }
+        assert_eq!(p.committed.len(), 2);
     }
-    assert_eq!(p.committed.len(), 2);
-    drop(p);
     edge.stop().await;
 }

@@ -44,7 +44,10 @@ async fn seed_example_body_is_acknowledged_durable_then_delivered_with_its_field
         assert_eq!(imp.seq, Some(1));
         assert_eq!(imp.video_filename, "sponsor_coca_cola_30s.mp4");
         assert_eq!(imp.played_at, schema::parse_timestamp("2025-12-14T21:30:00Z").unwrap());
-        assert_eq!((imp.duration_played, imp.video_duration, imp.completed), (30.0, 30.0, true));
+        assert_eq!(
+            (imp.duration_played, imp.video_duration, imp.completed),
+            (30.0, 30.0, true)
+        );
         assert_eq!(imp.event_type, schema::EventType::Match);
         assert_eq!(imp.period, schema::Period::Halftime);
         assert_eq!(imp.trigger_type, schema::TriggerType::Auto);
@@ -73,7 +76,11 @@ async fn retried_post_stores_nothing_twice() {
     let http = reqwest::Client::new();
     let recs = records("retry", 0, 5);
     let (s1, v1) = post(&http, &edge.base, body(&recs)).await;
-    assert_eq!((s1, v1["stored"].as_u64(), v1["queued"].as_u64()), (200, Some(5), Some(5)), "{v1}");
+    assert_eq!(
+        (s1, v1["stored"].as_u64(), v1["queued"].as_u64()),
+        (200, Some(5), Some(5)),
+        "{v1}"
+    );
     let (s2, v2) = post(&http, &edge.base, body(&recs)).await;
     assert_eq!(s2, 200);
     assert_eq!(v2["received"], 5);
@@ -116,9 +123,17 @@ async fn bad_bodies_are_refused_naming_field_and_index_and_good_records_kept() {
     let (status, v) = post(&http, &edge.base, body(&bad)).await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["success"], false);
-    let paths: Vec<&str> = v["refused"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    let paths: Vec<&str> = v["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
     assert_eq!(paths, ["impressions[0].event_type", "impressions[1].played_at"]);
-    assert!(v["error"].as_str().unwrap().contains("impressions[0].event_type"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("impressions[0].event_type"),
+        "{v}"
+    );
 
     // Not JSON / wrong shape: 400 naming what is wrong.
     let (status, v) = post(&http, &edge.base, "{nope".into()).await;

@@ -151,7 +151,11 @@ impl PrivateBroker {
             format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 2000000\n"),
         )
         .unwrap();
-        Self { port, conf, child: None }
+        Self {
+            port,
+            conf,
+            child: None,
+        }
     }
 
     pub fn url(&self) -> String {
