@@ -27,7 +27,7 @@ use crate::auth::Authenticator;
 use crate::observe::{self, Observer};
 use crate::settings::{BrokerSettings, SegmentPlan};
 use anyhow::Context;
-use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings, TlsConfig};
+use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -80,18 +80,17 @@ impl EmbeddedBroker {
     pub fn start_with_auth(settings: &BrokerSettings, auth: Option<Arc<Authenticator>>) -> anyhow::Result<Self> {
         settings.validate()?;
         if let Some(tls) = &settings.tls {
-            check_tls_files(&tls.cert, &tls.key)?;
+            crate::tls_front::load(&tls.cert, &tls.key)?;
         }
         let mut last_err = None;
         for attempt in 1..=PORT_ATTEMPTS {
             let mqtt_addr = resolve_port(settings.listen)?;
-            let tls_addr = settings.tls.as_ref().map(|t| resolve_port(t.listen)).transpose()?;
             let ws_addr = settings
                 .websocket
                 .as_ref()
                 .map(|w| resolve_port(w.listen))
                 .transpose()?;
-            let config = build_config(settings, auth.as_ref(), mqtt_addr, tls_addr, ws_addr);
+            let config = build_config(settings, auth.as_ref(), mqtt_addr, ws_addr);
             let mut broker = rumqttd::Broker::new(config);
             let observer = Observer::new(settings);
             let meters = broker.meters().context("rumqttd meters link")?;
@@ -105,9 +104,18 @@ impl EmbeddedBroker {
                     }
                 })
                 .context("spawning the rumqttd thread")?;
-            let addrs: Vec<SocketAddr> = std::iter::once(mqtt_addr).chain(tls_addr).chain(ws_addr).collect();
+            let addrs: Vec<SocketAddr> = std::iter::once(mqtt_addr).chain(ws_addr).collect();
             match wait_listening(&addrs, &thread) {
                 Ok(()) => {
+                    let tls_addr = match &settings.tls {
+                        Some(t) => Some(crate::tls_front::spawn(
+                            t.listen,
+                            connectable(mqtt_addr),
+                            t.cert.clone(),
+                            t.key.clone(),
+                        )?),
+                        None => None,
+                    };
                     tracing::info!(
                         mqtt = %mqtt_addr,
                         tls = ?tls_addr,
@@ -130,7 +138,6 @@ impl EmbeddedBroker {
                 Err(e) => {
                     let retry = thread.is_finished()
                         && (settings.listen.port() == 0
-                            || settings.tls.as_ref().is_some_and(|t| t.listen.port() == 0)
                             || settings.websocket.as_ref().is_some_and(|w| w.listen.port() == 0));
                     if !retry {
                         return Err(e);
@@ -221,19 +228,6 @@ fn resolve_port(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     Ok(a)
 }
 
-fn check_tls_files(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<()> {
-    let pem = std::fs::read(cert).with_context(|| format!("reading TLS certificate {}", cert.display()))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing TLS certificate {}", cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", cert.display());
-    let pem = std::fs::read(key).with_context(|| format!("reading TLS key {}", key.display()))?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .with_context(|| format!("parsing TLS key {}", key.display()))?
-        .with_context(|| format!("no private key in {}", key.display()))?;
-    Ok(())
-}
-
 fn segment(p: SegmentPlan) -> SegmentConfig {
     SegmentConfig {
         max_segment_size: p.max_segment_size,
@@ -246,7 +240,6 @@ pub fn build_config(
     s: &BrokerSettings,
     auth: Option<&Arc<Authenticator>>,
     mqtt: SocketAddr,
-    tls: Option<SocketAddr>,
     ws: Option<SocketAddr>,
 ) -> Config {
     let topics = schema::mqtt::Topics::new(s.topic_prefix.clone()).expect("validated prefix");
@@ -279,23 +272,17 @@ pub fn build_config(
     if let Some(a) = auth {
         connections.set_auth_handler(a.handler());
     }
-    let server = |name: &str, listen: SocketAddr, tls: Option<TlsConfig>| ServerSettings {
+    let server = |name: &str, listen: SocketAddr| ServerSettings {
         name: name.to_owned(),
         listen,
-        tls,
+        tls: None,
         next_connection_delay_ms: s.limits.next_connection_delay_ms,
         connections: connections.clone(),
     };
-    let mut v4 = HashMap::from([("plain".to_owned(), server("mqtt", mqtt, None))]);
-    if let (Some(addr), Some(t)) = (tls, &s.tls) {
-        let cfg = TlsConfig::Rustls {
-            capath: None,
-            certpath: t.cert.display().to_string(),
-            keypath: t.key.display().to_string(),
-        };
-        v4.insert("tls".to_owned(), server("mqtts", addr, Some(cfg)));
-    }
-    let ws = ws.map(|addr| HashMap::from([("ws".to_owned(), server("ws", addr, None))]));
+    // TLS is terminated by `tls_front` (handshakes with a deadline, in
+    // parallel) and relayed to this listener; rumqttd's own TLS is not used.
+    let v4 = HashMap::from([("plain".to_owned(), server("mqtt", mqtt))]);
+    let ws = ws.map(|addr| HashMap::from([("ws".to_owned(), server("ws", addr))]));
     // Meters and alerts are pushed by rumqttd's timer thread every second
     // to the links `observe.rs` reads.
     let metrics = serde_json::from_value(serde_json::json!({

@@ -7,6 +7,7 @@
 //! * [`mosquitto`]: the hosted path, a Mosquitto configuration with per-site ACLs.
 //! * [`app`]: the service (`/metrics`, `/healthz`, credentials reload).
 //! * [`bench`]: QoS 1 throughput against Mosquitto.
+//! * [`tls_front`]: the TLS listener (handshake deadline) relaying to rumqttd.
 //! * [`observe`]: router meters and alerts to Prometheus and logs.
 
 pub mod app;
@@ -17,6 +18,7 @@ pub mod embedded;
 pub mod mosquitto;
 pub mod observe;
 pub mod settings;
+pub mod tls_front;
 
 pub use embedded::EmbeddedBroker;
 pub use settings::BrokerSettings;

@@ -130,6 +130,10 @@ async fn tls_listener_with_generated_certificate() {
     .parse()
     .unwrap();
     let t = prefix();
+    // A client that opens a TCP connection to the TLS port and never starts
+    // its handshake must not hold up the others (rumqttd's own TLS listener
+    // would: it handshakes inside its accept loop).
+    let _stalled = tokio::net::TcpStream::connect(("127.0.0.1", tls.port())).await.unwrap();
     let (c, mut el, _) = connect(opts(&url, &site, true)).await.expect("TLS connect");
     subscribe(&c, &mut el, &t.receipts(&site)).await;
     c.publish(
