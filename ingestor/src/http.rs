@@ -39,14 +39,16 @@ struct Ctx {
     pool: PgPool,
     health: Arc<Health>,
     mqtt_enabled: bool,
+    method: store::InsertMethod,
 }
 
 /// The service's router.
-pub fn router(pool: PgPool, health: Arc<Health>, body_limit: usize, mqtt_enabled: bool) -> Router {
+pub fn router(pool: PgPool, health: Arc<Health>, body_limit: usize, mqtt_enabled: bool, method: store::InsertMethod) -> Router {
     let ctx = Ctx {
         pool,
         health,
         mqtt_enabled,
+        method,
     };
     Router::new()
         .route("/readyz", get(readyz))
@@ -144,7 +146,7 @@ async fn impressions(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) ->
     let mut backoff = runtime::backoff(Duration::from_millis(100), Duration::from_secs(2));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let out = loop {
-        match store::write(&ctx.pool, &set).await {
+        match store::write(&ctx.pool, &set, ctx.method).await {
             Ok(o) => {
                 ctx.health.db.store(true, Ordering::Relaxed);
                 break o;

@@ -118,6 +118,7 @@ impl App {
             health.clone(),
             settings.http_body_limit_bytes,
             settings.mqtt_enabled,
+            settings.insert_method,
         );
         let http_stop = CancellationToken::new();
         let http = tokio::spawn(runtime::http::serve(listener, router, http_stop.clone()));

@@ -314,10 +314,15 @@ pub async fn commit_with_retry(pool: &PgPool, set: &store::WriteSet, health: &He
     let mut attempt = 0u32;
     loop {
         let t0 = Instant::now();
-        match store::write(pool, set).await {
+        match store::write(pool, set, settings.insert_method).await {
             Ok(out) => {
                 health.db.store(true, Ordering::Relaxed);
-                metrics::histogram!("ingestor_commit_seconds").record(t0.elapsed().as_secs_f64());
+                let took = t0.elapsed();
+                metrics::histogram!("ingestor_commit_seconds").record(took.as_secs_f64());
+                metrics::histogram!("ingestor_batch_messages").record(set.rows.iter().map(|r| r.origin).max().map_or(0, |m| m + 1) as f64);
+                if let Ok(mut h) = commit_latency().lock() {
+                    let _ = h.record(took.as_micros().max(1) as u64);
+                }
                 metrics::histogram!("ingestor_batch_rows").record(set.rows.len() as f64);
                 let inserted = out.inserted();
                 metrics::counter!("ingestor_impressions_inserted_total").increment(inserted as u64);
@@ -354,3 +359,14 @@ pub async fn commit_with_retry(pool: &PgPool, set: &store::WriteSet, health: &He
     }
 }
 
+
+/// Commit latencies (microseconds) of MQTT batches since start, for the
+/// benchmark command (Prometheus has the same as `ingestor_commit_seconds`).
+pub fn commit_latency() -> &'static std::sync::Mutex<hdrhistogram::Histogram<u64>> {
+    static H: std::sync::OnceLock<std::sync::Mutex<hdrhistogram::Histogram<u64>>> = std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        std::sync::Mutex::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid"),
+        )
+    })
+}

@@ -51,6 +51,9 @@ pub struct Settings {
     pub seal_when_idle: bool,
     /// Batches committing concurrently (one database connection each).
     pub writers: usize,
+    /// How rows are inserted: `copy` (optimistic COPY, falls back to
+    /// `unnest` on a duplicate) or `unnest` (INSERT ... ON CONFLICT DO NOTHING).
+    pub insert_method: crate::store::InsertMethod,
     /// Backoff between database retries.
     pub retry_min_ms: u64,
     pub retry_max_ms: u64,
@@ -83,6 +86,7 @@ impl Default for Settings {
             batch_max_age_ms: 50,
             seal_when_idle: true,
             writers: 3,
+            insert_method: crate::store::InsertMethod::Copy,
             retry_min_ms: 100,
             retry_max_ms: 10_000,
             migrate: true,
@@ -152,6 +156,9 @@ pub struct CommonArgs {
     /// Batches committing concurrently, one DB connection each [default: 3].
     #[arg(long, global = true, env = "NEOPRO_INGESTOR_WRITERS")]
     pub writers: Option<usize>,
+    /// Insert method: copy|unnest [default: copy].
+    #[arg(long, global = true, env = "NEOPRO_INGESTOR_INSERT_METHOD")]
+    pub insert_method: Option<String>,
     /// Largest envelope accepted in bytes; larger ones are dead-lettered [default: 262144].
     #[arg(long, global = true, env = "NEOPRO_INGESTOR_MAX_ENVELOPE_BYTES")]
     pub max_envelope_bytes: Option<usize>,
@@ -179,6 +186,7 @@ impl Cli {
             ("batch_max_rows", s(&c.batch_max_rows)),
             ("batch_max_age_ms", c.batch_max_age_ms.map(|x| x.to_string())),
             ("writers", s(&c.writers)),
+            ("insert_method", c.insert_method.clone()),
             ("max_envelope_bytes", s(&c.max_envelope_bytes)),
             ("drain_deadline_secs", c.drain_deadline_secs.map(|x| x.to_string())),
             ("migrate", c.no_migrate.then(|| "false".to_owned())),
@@ -232,6 +240,7 @@ impl std::fmt::Debug for Settings {
             .field("batch_max_rows", &self.batch_max_rows)
             .field("batch_max_age_ms", &self.batch_max_age_ms)
             .field("writers", &self.writers)
+            .field("insert_method", &self.insert_method)
             .field("migrate", &self.migrate)
             .field("mqtt_enabled", &self.mqtt_enabled)
             .finish_non_exhaustive()

@@ -29,7 +29,9 @@
 //!   row commits. A *transient* error is returned to the caller, which retries
 //!   the whole call (already committed parts are then absorbed as duplicates).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use runtime::db::{classify, ErrorClass};
@@ -107,6 +109,38 @@ impl WriteOutcome {
     }
 }
 
+/// How rows are inserted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InsertMethod {
+    /// Optimistic `COPY` straight into `sponsor_impressions` (PostgreSQL's
+    /// multi-row insert path), rollup computed from the batch itself; if any
+    /// row already exists (unique violation, a redelivery) the transaction is
+    /// void and redone with [`InsertMethod::Unnest`]. Same guarantees, faster
+    /// when duplicates are rare (the steady state). See README for figures.
+    #[default]
+    Copy,
+    /// `INSERT ... SELECT FROM UNNEST(...) ON CONFLICT DO NOTHING RETURNING`,
+    /// rollup of exactly the returned rows, in one statement.
+    Unnest,
+}
+
+impl std::str::FromStr for InsertMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "copy" => Ok(InsertMethod::Copy),
+            "unnest" => Ok(InsertMethod::Unnest),
+            other => Err(format!("unknown insert method '{other}', expected copy|unnest")),
+        }
+    }
+}
+
+/// After a COPY hit a duplicate, this many following transactions go
+/// straight to the ON CONFLICT path (a resending edge sends runs of them).
+const SLOW_PATH_STREAK: u32 = 8;
+static SLOW_PATH_BATCHES: AtomicU32 = AtomicU32::new(0);
+
 /// Replaces NUL characters, which PostgreSQL text cannot hold (a reason may
 /// quote hostile input; it must never make the dead letter itself fail).
 pub fn sanitize(s: &str) -> String {
@@ -171,14 +205,14 @@ ON CONFLICT (site_id) DO UPDATE SET last_seen_at = greatest(sites.last_seen_at, 
 
 /// Writes `set`: rows, dead letters, site heartbeats. Transient errors are
 /// returned (retry the whole call); permanent ones are bisected away.
-pub async fn write(pool: &PgPool, set: &WriteSet) -> Result<WriteOutcome, sqlx::Error> {
+pub async fn write(pool: &PgPool, set: &WriteSet, method: InsertMethod) -> Result<WriteOutcome, sqlx::Error> {
     let all_rows: Vec<usize> = (0..set.rows.len()).collect();
     let all_dead: Vec<usize> = (0..set.dead.len()).collect();
     let mut out = WriteOutcome {
         new: vec![false; set.rows.len()],
         ..Default::default()
     };
-    match write_part(pool, set, &all_rows, &all_dead, &set.sites, &[], &mut out).await {
+    match write_part(pool, method, set, &all_rows, &all_dead, &set.sites, &[], &mut out).await {
         Ok(()) => return Ok(out),
         Err(e) if classify(&e) == ErrorClass::Transient => return Err(e),
         Err(e) => tracing::warn!(error = %e, "permanent database error; isolating the offending messages"),
@@ -195,15 +229,15 @@ pub async fn write(pool: &PgPool, set: &WriteSet) -> Result<WriteOutcome, sqlx::
     for origin in origins {
         let rows: Vec<usize> = all_rows.iter().copied().filter(|&i| set.rows[i].origin == origin).collect();
         let dead: Vec<usize> = all_dead.iter().copied().filter(|&i| set.dead[i].origin == origin).collect();
-        match write_part(pool, set, &rows, &dead, &[], &[], &mut out).await {
+        match write_part(pool, method, set, &rows, &dead, &[], &[], &mut out).await {
             Ok(()) => continue,
             Err(e) if classify(&e) == ErrorClass::Transient => return Err(e),
             Err(e) => tracing::warn!(origin, error = %e, "permanent database error in one message; isolating rows"),
         }
         // Per row: the message's dead letters first, then each row alone.
-        write_part(pool, set, &[], &dead, &[], &[], &mut out).await?;
+        write_part(pool, method, set, &[], &dead, &[], &[], &mut out).await?;
         for i in rows {
-            match write_part(pool, set, &[i], &[], &[], &[], &mut out).await {
+            match write_part(pool, method, set, &[i], &[], &[], &[], &mut out).await {
                 Ok(()) => {}
                 Err(e) if classify(&e) == ErrorClass::Transient => return Err(e),
                 Err(e) => {
@@ -222,7 +256,7 @@ pub async fn write(pool: &PgPool, set: &WriteSet) -> Result<WriteOutcome, sqlx::
                         payload: serde_json::to_vec(&r.imp).unwrap_or_default(),
                         origin: r.origin,
                     };
-                    write_part(pool, set, &[], &[], &[], std::slice::from_ref(&dl), &mut out).await?;
+                    write_part(pool, method, set, &[], &[], &[], std::slice::from_ref(&dl), &mut out).await?;
                     out.refused.push((i, reason));
                 }
             }
@@ -230,7 +264,7 @@ pub async fn write(pool: &PgPool, set: &WriteSet) -> Result<WriteOutcome, sqlx::
     }
     // Site heartbeats last, on their own (they never carry user data).
     if !set.sites.is_empty() {
-        write_part(pool, set, &[], &[], &set.sites, &[], &mut out).await?;
+        write_part(pool, method, set, &[], &[], &set.sites, &[], &mut out).await?;
     }
     Ok(out)
 }
@@ -239,6 +273,7 @@ pub async fn write(pool: &PgPool, set: &WriteSet) -> Result<WriteOutcome, sqlx::
 /// during bisection).
 async fn write_part(
     pool: &PgPool,
+    method: InsertMethod,
     set: &WriteSet,
     rows: &[usize],
     dead: &[usize],
@@ -246,9 +281,30 @@ async fn write_part(
     extra: &[DeadLetter],
     out: &mut WriteOutcome,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let new = write_in(&mut tx, set, rows, dead, sites, extra).await?;
-    tx.commit().await?;
+    let mut method = method;
+    if method == InsertMethod::Copy && SLOW_PATH_BATCHES.load(Ordering::Relaxed) > 0 {
+        SLOW_PATH_BATCHES.fetch_sub(1, Ordering::Relaxed);
+        method = InsertMethod::Unnest;
+    }
+    let new = loop {
+        let mut tx = pool.begin().await?;
+        match write_in(&mut tx, method, set, rows, dead, sites, extra).await {
+            Ok(new) => {
+                tx.commit().await?;
+                break new;
+            }
+            Err(sqlx::Error::Database(e)) if method == InsertMethod::Copy && e.code().as_deref() == Some("23505") => {
+                // Some rows were already there (a redelivery): this
+                // transaction is void; redo it with ON CONFLICT DO NOTHING,
+                // and stay on that path for the next few batches.
+                drop(tx);
+                SLOW_PATH_BATCHES.store(SLOW_PATH_STREAK, Ordering::Relaxed);
+                method = InsertMethod::Unnest;
+                metrics::counter!("ingestor_copy_fallbacks_total").increment(1);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     for i in new {
         out.new[i] = true;
     }
@@ -259,6 +315,7 @@ async fn write_part(
 
 async fn write_in(
     conn: &mut PgConnection,
+    method: InsertMethod,
     set: &WriteSet,
     rows: &[usize],
     dead: &[usize],
@@ -288,7 +345,11 @@ async fn write_in(
     if !dls.is_empty() {
         insert_dead(conn, &dls).await?;
     }
-    if !sent.is_empty() {
+    if !sent.is_empty() && method == InsertMethod::Copy {
+        copy_rows(conn, set, &sent).await?;
+        upsert_rollup(conn, set, &sent).await?;
+        new_rows = sent;
+    } else if !sent.is_empty() {
         let n = sent.len();
         let mut ids = Vec::with_capacity(n);
         let mut site = Vec::with_capacity(n);
@@ -392,11 +453,163 @@ pub async fn create_partitions_ahead(pool: &PgPool, months: i32) -> Result<i32, 
         .await
 }
 
-/// Counts committed rows per key of the set's origins (test and bench helper).
-pub fn group_by_origin(set: &WriteSet) -> HashMap<usize, Vec<usize>> {
-    let mut m: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, r) in set.rows.iter().enumerate() {
-        m.entry(r.origin).or_default().push(i);
+
+const COPY_ROWS: &str = "COPY sponsor_impressions (impression_id, site_id, seq, video_id, video_filename, played_at, \
+     duration_played, video_duration, completed, event_type, period, trigger_type, audience_estimate, batch_id) FROM STDIN";
+
+/// Appends `s` escaped for COPY's text format.
+fn copy_text(buf: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '\\' => buf.push_str("\\\\"),
+            '\t' => buf.push_str("\\t"),
+            '\n' => buf.push_str("\\n"),
+            '\r' => buf.push_str("\\r"),
+            c => buf.push(c),
+        }
     }
-    m
 }
+
+/// Encodes rows in COPY text format (one line per row).
+pub fn encode_copy(set: &WriteSet, rows: &[usize], buf: &mut String) {
+    for &i in rows {
+        let r = &set.rows[i];
+        let imp = &r.imp;
+        let _ = write!(buf, "{}\t", imp.impression_id);
+        copy_text(buf, &imp.site_id);
+        buf.push('\t');
+        match imp.seq {
+            Some(s) => {
+                let _ = write!(buf, "{s}");
+            }
+            None => buf.push_str("\\N"),
+        }
+        buf.push('\t');
+        match &imp.video_id {
+            Some(v) => copy_text(buf, v),
+            None => buf.push_str("\\N"),
+        }
+        buf.push('\t');
+        copy_text(buf, &imp.video_filename);
+        let _ = write!(
+            buf,
+            "\t{}\t{:?}\t{:?}\t{}\t{}\t{}\t{}\t",
+            imp.played_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+            imp.duration_played,
+            imp.video_duration,
+            if imp.completed { 't' } else { 'f' },
+            imp.event_type.as_str(),
+            imp.period.as_str(),
+            imp.trigger_type.as_str(),
+        );
+        match imp.audience_estimate {
+            Some(a) => {
+                let _ = write!(buf, "{a}");
+            }
+            None => buf.push_str("\\N"),
+        }
+        buf.push('\t');
+        match r.batch_id {
+            Some(b) => {
+                let _ = write!(buf, "{b}");
+            }
+            None => buf.push_str("\\N"),
+        }
+        buf.push('\n');
+    }
+}
+
+async fn copy_rows(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> Result<(), sqlx::Error> {
+    let mut buf = String::with_capacity(rows.len() * 220);
+    encode_copy(set, rows, &mut buf);
+    let mut copy = conn.copy_in_raw(COPY_ROWS).await?;
+    copy.send(buf.as_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Adds the aggregates of `rows` (all known to be new) to the daily rollup,
+/// in key order.
+async fn upsert_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> Result<(), sqlx::Error> {
+    #[derive(Default)]
+    struct Agg {
+        n: i64,
+        secs: f64,
+        completed: i64,
+        audience: i64,
+    }
+    // Key in primary-key order: (day, site_id, video_filename, video_id, period, event_type).
+    let mut m: BTreeMap<(NaiveDate, &str, &str, &str, &str, &str), Agg> = BTreeMap::new();
+    for &i in rows {
+        let imp = &set.rows[i].imp;
+        let a = m
+            .entry((
+                imp.played_at.date_naive(),
+                imp.site_id.as_str(),
+                imp.video_filename.as_str(),
+                imp.video_id.as_deref().unwrap_or(""),
+                imp.period.as_str(),
+                imp.event_type.as_str(),
+            ))
+            .or_default();
+        a.n += 1;
+        a.secs += imp.duration_played;
+        a.completed += i64::from(imp.completed);
+        a.audience += i64::from(imp.audience_estimate.unwrap_or(0));
+    }
+    let n = m.len();
+    let (mut day, mut site, mut file, mut vid, mut period, mut event) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut cnt, mut secs, mut comp, mut aud) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((d, s, f, v, p, e), a) in m {
+        day.push(d);
+        site.push(s);
+        file.push(f);
+        vid.push(v);
+        period.push(p);
+        event.push(e);
+        cnt.push(a.n);
+        secs.push(a.secs);
+        comp.push(a.completed);
+        aud.push(a.audience);
+    }
+    sqlx::query(UPSERT_ROLLUP)
+        .bind(&day)
+        .bind(&site)
+        .bind(&file)
+        .bind(&vid)
+        .bind(&period)
+        .bind(&event)
+        .bind(&cnt)
+        .bind(&secs)
+        .bind(&comp)
+        .bind(&aud)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+const UPSERT_ROLLUP: &str = r#"
+INSERT INTO sponsor_daily_stats AS t
+    (day, site_id, video_filename, video_id, period, event_type,
+     impressions, seconds_played, completed_count, audience_sum)
+SELECT * FROM UNNEST($1::date[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::int8[], $8::float8[], $9::int8[], $10::int8[])
+ON CONFLICT (day, site_id, video_filename, video_id, period, event_type) DO UPDATE SET
+    impressions     = t.impressions + excluded.impressions,
+    seconds_played  = t.seconds_played + excluded.seconds_played,
+    completed_count = t.completed_count + excluded.completed_count,
+    audience_sum    = t.audience_sum + excluded.audience_sum,
+    updated_at      = now()
+"#;
