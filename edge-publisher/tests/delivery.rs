@@ -229,6 +229,7 @@ async fn kill_9_mid_stream_loses_no_acknowledged_impression_and_duplicates_none(
     assert!(committed.is_subset(&sent), "nothing that was not sent");
     drop(p);
     assert!(seqs_are_contiguous(&peer), "seqs 1..=n, each once, across the crash");
+    forget_session(MOSQUITTO, &site).await;
 }
 
 #[tokio::test]

@@ -59,17 +59,23 @@ pub struct Running {
     pub token: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub site: String,
+    pub mqtt: String,
 }
 
 impl Running {
+    /// Stops the edge; on the shared Mosquitto, also drops its persistent session.
     pub async fn stop(self) {
         self.token.cancel();
         self.task.await.unwrap().unwrap();
+        if self.mqtt == MOSQUITTO {
+            forget_session(&self.mqtt, &self.site).await;
+        }
     }
 }
 
 pub async fn start(s: Settings) -> Running {
     let site = s.site_id.clone();
+    let mqtt = format!("mqtt://{}:{}", s.mqtt_url.host, s.mqtt_url.port);
     let app = App::build(s).await.unwrap();
     let addr: SocketAddr = app.http_addr().unwrap();
     let outbox = app.outbox().clone();
@@ -83,6 +89,7 @@ pub async fn start(s: Settings) -> Running {
         token,
         task,
         site,
+        mqtt,
     }
 }
 
@@ -214,4 +221,25 @@ pub async fn stats(http: &reqwest::Client, base: &str) -> serde_json::Value {
         .json()
         .await
         .unwrap()
+}
+
+/// Removes a persistent session from a broker (test hygiene on the shared Mosquitto).
+pub async fn forget_session(broker: &str, client_id: &str) {
+    use rumqttc::{AsyncClient, Event, Outgoing, Packet};
+    let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+    let mut o = runtime::mqtt::ClientOptions::new(client_id);
+    o.clean_session = true;
+    let (client, mut el) = AsyncClient::new(url.options(&o).unwrap(), 10);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.disconnect().await;
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }
