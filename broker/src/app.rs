@@ -39,6 +39,8 @@ impl App {
     /// and binds the HTTP address.
     pub async fn build(settings: BrokerSettings) -> anyhow::Result<Self> {
         settings.validate()?;
+        // Install the recorder before anything records (gauges set at start).
+        let _ = runtime::http::prometheus();
         let auth = match &settings.credentials {
             Some(p) => Some(Authenticator::load(p)?),
             None => {
