@@ -361,14 +361,13 @@ async fn timed_get(client: &reqwest::Client, url: &str) -> anyhow::Result<(u64, 
 
 /// The seed's approach: aggregate the raw plays for the query.
 async fn baseline(pool: &PgPool, sponsor: &str, from: NaiveDate, to: NaiveDate) -> anyhow::Result<(i64, i64)> {
-    let (files, ids): (Vec<String>, Vec<String>) = sqlx::query_as::<_, (String, String)>(
-        "SELECT DISTINCT video_filename, coalesce(video_id, '') FROM sponsor_impressions
-         WHERE sponsor_of(video_id, video_filename) = $1",
-    )
-    .bind(sponsor)
-    .fetch_all(pool)
-    .await
-    .map(|v| v.into_iter().unzip())?;
+    // Same attribution list as ours (attributing each raw row with
+    // sponsor_of would cost seconds more and measure the catalogue, not the
+    // aggregation).
+    let att = crate::stats::attributed_videos(pool, sponsor)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (files, ids) = (att.filenames, att.video_ids);
     let lo = from.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
     let hi = (to + Days::new(1)).and_hms_opt(0, 0, 0).expect("midnight").and_utc();
     let sel = "FROM sponsor_impressions i WHERE i.played_at >= $3 AND i.played_at < $4

@@ -4,9 +4,11 @@
 //! (`analytics_videos`, a few hundred rows) go through `sponsor_of()` under
 //! the current catalogue, and the sponsor's (video_id, video_filename) pairs
 //! then select rows of
-//!  * `analytics_video_daily` (no site dimension) for the totals, the
-//!    breakdowns by period and event type, the daily series and top videos —
-//!    one index-range scan per video and one `GROUPING SETS` pass;
+//!  * `analytics_video_day` (video, day) for the totals, the daily series and
+//!    top videos; `analytics_video_monthly` (video, month, period, event type)
+//!    plus `analytics_video_daily` for the edge days, for the breakdowns by
+//!    period and event type (with a period/event filter, everything reads
+//!    `analytics_video_daily`);
 //!  * `analytics_site_video_monthly` for the whole months inside the range
 //!    plus `sponsor_daily_stats` for the partial months at its edges, for the
 //!    breakdown by site and the number of sites reached.
@@ -205,6 +207,51 @@ pub struct Attributed {
     pub video_ids: Vec<String>,
 }
 
+/// Attribution of every played video under the current catalogue, cached
+/// per process and revalidated on each request by a cheap fingerprint of the
+/// catalogue (`videos`) and of the set of played videos (`analytics_videos`,
+/// which only grows). A change by any process (API, CLI import, psql) is seen
+/// by the next request.
+#[derive(Clone, Default)]
+pub struct AttributionCache {
+    inner: std::sync::Arc<tokio::sync::Mutex<Option<((i64, i64, i64), HashMap<String, Attributed>)>>>,
+}
+
+const FINGERPRINT_SQL: &str = "
+SELECT (SELECT count(*) FROM analytics_videos)::int8,
+       (SELECT count(*) FROM videos)::int8,
+       (SELECT coalesce(sum(hashtext(concat_ws('|', id, sponsor_id, video_id, filename_pattern))::int8), 0) FROM videos)::int8";
+
+impl AttributionCache {
+    pub async fn get(&self, pool: &PgPool, sponsor_id: &str) -> ApiResult<Attributed> {
+        let fp: (i64, i64, i64) = sqlx::query_as(FINGERPRINT_SQL).fetch_one(pool).await?;
+        let mut guard = self.inner.lock().await;
+        if let Some((cached_fp, map)) = guard.as_ref() {
+            if *cached_fp == fp {
+                return Ok(map.get(sponsor_id).cloned().unwrap_or_default());
+            }
+        }
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT video_filename, video_id, sponsor_of(nullif(video_id, ''), video_filename)
+             FROM analytics_videos ORDER BY 1, 2",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut map: HashMap<String, Attributed> = HashMap::new();
+        for (f, v, s) in rows {
+            if let Some(s) = s {
+                let a = map.entry(s).or_default();
+                a.filenames.push(f);
+                a.video_ids.push(v);
+            }
+        }
+        let out = map.get(sponsor_id).cloned().unwrap_or_default();
+        *guard = Some((fp, map));
+        Ok(out)
+    }
+}
+
+/// Uncached attribution of one sponsor's played videos.
 pub async fn attributed_videos(pool: &PgPool, sponsor_id: &str) -> ApiResult<Attributed> {
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT video_filename, video_id FROM analytics_videos
@@ -217,6 +264,28 @@ pub async fn attributed_videos(pool: &PgPool, sponsor_id: &str) -> ApiResult<Att
     let (filenames, video_ids) = rows.into_iter().unzip();
     Ok(Attributed { filenames, video_ids })
 }
+
+type DayRow = (
+    i32,
+    i32,
+    Option<NaiveDate>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<f64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+type BreakdownRow = (
+    i32,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<f64>,
+    Option<i64>,
+    Option<i64>,
+);
 
 type GroupRow = (
     i32,
@@ -246,6 +315,33 @@ WHERE t.day >= $3 AND t.day <= $4
   {SITE}
 GROUP BY GROUPING SETS ((), (t.period), (t.event_type), (t.day), (t.video_filename, t.video_id))";
 
+/// Unfiltered: totals, daily series and per video from analytics_video_day.
+const DAY_SQL: &str = "
+SELECT GROUPING(t.day)::int4, GROUPING(t.video_filename)::int4, t.day, t.video_filename, t.video_id,
+       sum(t.impressions)::int8, sum(t.seconds_played)::float8, sum(t.completed_count)::int8, sum(t.audience_sum)::int8
+FROM unnest($1::text[], $2::text[]) AS v(video_filename, video_id)
+JOIN analytics_video_day t ON t.video_filename = v.video_filename AND t.video_id = v.video_id
+WHERE t.day >= $3 AND t.day <= $4
+GROUP BY GROUPING SETS ((), (t.day), (t.video_filename, t.video_id))";
+
+/// Unfiltered: by period and event type, whole months from
+/// analytics_video_monthly plus the edge days from analytics_video_daily.
+const BREAKDOWN_SQL: &str = "
+WITH v AS (SELECT * FROM unnest($1::text[], $2::text[]) AS v(video_filename, video_id)),
+x AS (
+    SELECT m.period, m.event_type, m.impressions, m.seconds_played, m.completed_count, m.audience_sum
+    FROM v JOIN analytics_video_monthly m
+      ON m.video_filename = v.video_filename AND m.video_id = v.video_id AND m.month >= $3 AND m.month < $4
+    UNION ALL
+    SELECT d.period, d.event_type, d.impressions, d.seconds_played, d.completed_count, d.audience_sum
+    FROM v JOIN analytics_video_daily d
+      ON d.video_filename = v.video_filename AND d.video_id = v.video_id
+     AND ((d.day >= $5 AND d.day < $3) OR (d.day >= $4 AND d.day <= $6))
+)
+SELECT GROUPING(period)::int4, period, event_type,
+       sum(impressions)::int8, sum(seconds_played)::float8, sum(completed_count)::int8, sum(audience_sum)::int8
+FROM x GROUP BY GROUPING SETS ((period), (event_type))";
+
 const SITES_SQL: &str = "
 WITH v AS (SELECT * FROM unnest($1::text[], $2::text[]) AS v(video_filename, video_id)),
 x AS (
@@ -259,7 +355,7 @@ x AS (
      AND ((s.day >= $5 AND s.day < $3) OR (s.day >= $4 AND s.day <= $6))
     WHERE ($7::text IS NULL OR s.period = $7)
       AND ($8::text IS NULL OR s.event_type = $8)
-      AND ($9::text IS NULL OR s.site_id = $9)
+      {SITE}
 )
 SELECT x.site_id, si.name, sum(x.impressions)::int8, sum(x.seconds_played)::float8,
        sum(x.completed_count)::int8, sum(x.audience_sum)::int8
@@ -288,34 +384,29 @@ fn month_split(from: NaiveDate, to: NaiveDate) -> (NaiveDate, NaiveDate) {
 }
 
 /// Computes the stats of `sponsor_id` (404 when unknown).
-pub async fn compute(pool: &PgPool, sponsor_id: &str, q: &StatsQuery) -> ApiResult<Stats> {
-    let sponsor = get_sponsor(pool, sponsor_id).await?;
-    let att = attributed_videos(pool, sponsor_id).await?;
+pub async fn compute(pool: &PgPool, cache: &AttributionCache, sponsor_id: &str, q: &StatsQuery) -> ApiResult<Stats> {
+    let (sponsor, att) = tokio::try_join!(get_sponsor(pool, sponsor_id), cache.get(pool, sponsor_id))?;
     let period = q.period.map(|p| p.as_str().to_owned());
     let event_type = q.event_type.map(|e| e.as_str().to_owned());
 
-    let groups_sql = if q.site_id.is_some() {
-        GROUPS_SQL.replace("{SRC}", "sponsor_daily_stats").replace("{SITE}", "AND t.site_id = $7")
-    } else {
-        GROUPS_SQL.replace("{SRC}", "analytics_video_daily").replace("{SITE}", "")
-    };
-    let mut groups_q = sqlx::query_as::<_, GroupRow>(&groups_sql)
-        .bind(&att.filenames)
-        .bind(&att.video_ids)
-        .bind(q.from)
-        .bind(q.to)
-        .bind(&period)
-        .bind(&event_type);
-    if let Some(s) = &q.site_id {
-        groups_q = groups_q.bind(s);
-    }
-    let (mf, mt) = if q.site_id.is_none() && q.period.is_none() && q.event_type.is_none() {
+    let unfiltered = q.site_id.is_none() && q.period.is_none() && q.event_type.is_none();
+    let (mf, mt) = if unfiltered {
         month_split(q.from, q.to)
     } else {
         let after = q.to.succ_opt().unwrap_or(q.to);
         (after, after)
     };
-    let sites_q = sqlx::query_as::<_, (String, Option<String>, i64, f64, i64, i64)>(SITES_SQL)
+    // With a site filter, the condition is written out so the planner reads
+    // sponsor_daily_stats by its (site_id, day) index.
+    let sites_sql = SITES_SQL.replace(
+        "{SITE}",
+        if q.site_id.is_some() {
+            "AND s.site_id = $9"
+        } else {
+            "AND $9::text IS NULL"
+        },
+    );
+    let sites_q = sqlx::query_as::<_, (String, Option<String>, i64, f64, i64, i64)>(&sites_sql)
         .bind(&att.filenames)
         .bind(&att.video_ids)
         .bind(mf)
@@ -325,38 +416,101 @@ pub async fn compute(pool: &PgPool, sponsor_id: &str, q: &StatsQuery) -> ApiResu
         .bind(&period)
         .bind(&event_type)
         .bind(&q.site_id);
-    let (groups, sites) = tokio::try_join!(groups_q.fetch_all(pool), sites_q.fetch_all(pool))?;
 
     let mut total = Figures::default();
     let mut by_period: HashMap<String, Figures> = HashMap::new();
     let mut by_event: HashMap<String, Figures> = HashMap::new();
     let mut by_day: HashMap<NaiveDate, Figures> = HashMap::new();
     let mut videos = Vec::new();
-    for (gp, ge, gd, gv, p, e, d, vf, vid, n, secs, comp, aud) in groups {
-        let f = Figures::new(n.unwrap_or(0), secs.unwrap_or(0.0), comp.unwrap_or(0), aud.unwrap_or(0));
-        match (gp, ge, gd, gv) {
-            (1, 1, 1, 1) => total = f,
-            (0, 1, 1, 1) => {
-                by_period.insert(p.unwrap_or_default(), f);
+    let fig = |n: Option<i64>, secs: Option<f64>, comp: Option<i64>, aud: Option<i64>| {
+        Figures::new(n.unwrap_or(0), secs.unwrap_or(0.0), comp.unwrap_or(0), aud.unwrap_or(0))
+    };
+    let mut push_video = |vf: Option<String>, vid: Option<String>, f: Figures| {
+        if f.impressions > 0 {
+            videos.push(VideoFigures {
+                video_id: vid.filter(|v| !v.is_empty()),
+                video_filename: vf.unwrap_or_default(),
+                figures: f,
+            })
+        }
+    };
+    let sites;
+    if unfiltered {
+        let day_q = sqlx::query_as::<_, DayRow>(DAY_SQL)
+            .bind(&att.filenames)
+            .bind(&att.video_ids)
+            .bind(q.from)
+            .bind(q.to);
+        let breakdown_q = sqlx::query_as::<_, BreakdownRow>(BREAKDOWN_SQL)
+            .bind(&att.filenames)
+            .bind(&att.video_ids)
+            .bind(mf)
+            .bind(mt)
+            .bind(q.from)
+            .bind(q.to);
+        let (days, breakdowns, s) = tokio::try_join!(
+            day_q.fetch_all(pool),
+            breakdown_q.fetch_all(pool),
+            sites_q.fetch_all(pool)
+        )?;
+        sites = s;
+        for (gd, gv, d, vf, vid, n, secs, comp, aud) in days {
+            let f = fig(n, secs, comp, aud);
+            match (gd, gv) {
+                (1, 1) => total = f,
+                (0, 1) => {
+                    if let Some(d) = d {
+                        by_day.insert(d, f);
+                    }
+                }
+                (1, 0) => push_video(vf, vid, f),
+                _ => {}
             }
-            (1, 0, 1, 1) => {
+        }
+        for (gp, p, e, n, secs, comp, aud) in breakdowns {
+            let f = fig(n, secs, comp, aud);
+            if gp == 0 {
+                by_period.insert(p.unwrap_or_default(), f);
+            } else {
                 by_event.insert(e.unwrap_or_default(), f);
             }
-            (1, 1, 0, 1) => {
-                if let Some(d) = d {
-                    by_day.insert(d, f);
+        }
+    } else {
+        let groups_sql = if q.site_id.is_some() {
+            GROUPS_SQL.replace("{SRC}", "sponsor_daily_stats").replace("{SITE}", "AND t.site_id = $7")
+        } else {
+            GROUPS_SQL.replace("{SRC}", "analytics_video_daily").replace("{SITE}", "")
+        };
+        let mut groups_q = sqlx::query_as::<_, GroupRow>(&groups_sql)
+            .bind(&att.filenames)
+            .bind(&att.video_ids)
+            .bind(q.from)
+            .bind(q.to)
+            .bind(&period)
+            .bind(&event_type);
+        if let Some(s) = &q.site_id {
+            groups_q = groups_q.bind(s);
+        }
+        let (groups, s) = tokio::try_join!(groups_q.fetch_all(pool), sites_q.fetch_all(pool))?;
+        sites = s;
+        for (gp, ge, gd, gv, p, e, d, vf, vid, n, secs, comp, aud) in groups {
+            let f = fig(n, secs, comp, aud);
+            match (gp, ge, gd, gv) {
+                (1, 1, 1, 1) => total = f,
+                (0, 1, 1, 1) => {
+                    by_period.insert(p.unwrap_or_default(), f);
                 }
-            }
-            (1, 1, 1, 0) => {
-                if f.impressions > 0 {
-                    videos.push(VideoFigures {
-                        video_id: vid.filter(|v| !v.is_empty()),
-                        video_filename: vf.unwrap_or_default(),
-                        figures: f,
-                    })
+                (1, 0, 1, 1) => {
+                    by_event.insert(e.unwrap_or_default(), f);
                 }
+                (1, 1, 0, 1) => {
+                    if let Some(d) = d {
+                        by_day.insert(d, f);
+                    }
+                }
+                (1, 1, 1, 0) => push_video(vf, vid, f),
+                _ => {}
             }
-            _ => {}
         }
     }
     videos.sort_by(|a, b| {

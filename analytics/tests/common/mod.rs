@@ -24,6 +24,7 @@ pub struct TestApp {
 impl TestApp {
     pub async fn start(pool: PgPool) -> TestApp {
         runtime::tls::install_crypto_provider();
+        runtime::telemetry::init(runtime::telemetry::LogFormat::Human);
         let settings = Settings {
             http_addr: "127.0.0.1:0".parse().unwrap(),
             api_tokens: vec!["other-token".into(), TOKEN.into()],
