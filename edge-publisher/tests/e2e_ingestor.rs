@@ -51,7 +51,11 @@ async fn seed_body_and_legacy_import_land_in_postgresql_exactly_once(pool: PgPoo
     let mut legacy = records("legacy-e2e", 0, 20);
     legacy[5]["period"] = serde_json::json!("half");
     let file = dir.path().join("sponsor_impressions.json");
-    std::fs::write(&file, serde_json::to_vec(&serde_json::json!({ "impressions": legacy })).unwrap()).unwrap();
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&serde_json::json!({ "impressions": legacy })).unwrap(),
+    )
+    .unwrap();
     let rep = edge_publisher::commands::import(&s, &file, false).await.unwrap();
     assert_eq!((rep.imported, rep.already_present, rep.refused.len()), (19, 0, 1));
 
@@ -81,7 +85,17 @@ async fn seed_body_and_legacy_import_land_in_postgresql_exactly_once(pool: PgPoo
     assert_eq!(distinct, 20);
     let seed: serde_json::Value = serde_json::from_str(SEED_BODY).unwrap();
     let id = id_of(&site, &seed["impressions"][0]);
-    type Row = (String, chrono::DateTime<chrono::Utc>, f64, f64, bool, String, String, String, Option<i32>);
+    type Row = (
+        String,
+        chrono::DateTime<chrono::Utc>,
+        f64,
+        f64,
+        bool,
+        String,
+        String,
+        String,
+        Option<i32>,
+    );
     let row: Row = sqlx::query_as(
         "SELECT video_filename, played_at, duration_played, video_duration, completed, event_type, period, trigger_type, audience_estimate
          FROM sponsor_impressions WHERE impression_id = $1",

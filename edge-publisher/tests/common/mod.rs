@@ -60,6 +60,7 @@ pub struct Running {
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub site: String,
     pub mqtt: String,
+    pub status_topic: String,
 }
 
 impl Running {
@@ -69,6 +70,7 @@ impl Running {
         self.task.await.unwrap().unwrap();
         if self.mqtt == MOSQUITTO {
             forget_session(&self.mqtt, &self.site).await;
+            clear_retained(&self.mqtt, &self.status_topic).await;
         }
     }
 }
@@ -76,6 +78,7 @@ impl Running {
 pub async fn start(s: Settings) -> Running {
     let site = s.site_id.clone();
     let mqtt = format!("mqtt://{}:{}", s.mqtt_url.host, s.mqtt_url.port);
+    let status_topic = schema::Topics::new(s.topic_prefix.clone()).unwrap().status(&site);
     let app = App::build(s).await.unwrap();
     let addr: SocketAddr = app.http_addr().unwrap();
     let outbox = app.outbox().clone();
@@ -90,6 +93,7 @@ pub async fn start(s: Settings) -> Running {
         task,
         site,
         mqtt,
+        status_topic,
     }
 }
 
@@ -234,6 +238,30 @@ pub async fn forget_session(broker: &str, client_id: &str) {
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.disconnect().await;
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Clears a retained message (the edge's status) on a shared broker.
+pub async fn clear_retained(broker: &str, topic: &str) {
+    use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+    let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+    let mut o = runtime::mqtt::ClientOptions::new(unique("clear"));
+    o.clean_session = true;
+    let (client, mut el) = AsyncClient::new(url.options(&o).unwrap(), 10);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.publish(topic, QoS::AtLeastOnce, true, Vec::new()).await;
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
                     let _ = client.disconnect().await;
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
