@@ -27,6 +27,34 @@ pub enum Command {
     /// Runs the fault scenarios (longer than the CI suite) and prints a table:
     /// scenario, played, stored, duplicates, lost, recovery time.
     Soak(SoakArgs),
+    /// A TV frontend: posts seeded, realistic plays to a running neopro-edge's
+    /// `POST /api/sync/sponsor-impressions`, stamped with the current time.
+    Feed(FeedArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct FeedArgs {
+    /// The box's base URL.
+    #[arg(long, env = "NEOPRO_SIM_EDGE_URL", default_value = "http://127.0.0.1:3000")]
+    pub edge_url: String,
+    /// The box's site id (only used to vary the generated plays).
+    #[arg(long, env = "SITE_ID", default_value = "club-demo-1")]
+    pub site_id: String,
+    /// Plays per second.
+    #[arg(long, env = "NEOPRO_SIM_RATE", default_value_t = 2.0)]
+    pub rate: f64,
+    /// Plays per POST (the seed's frontend flushes in small batches).
+    #[arg(long, default_value_t = 10)]
+    pub chunk: usize,
+    /// Stop after this many plays (0: run until stopped).
+    #[arg(long, default_value_t = 0)]
+    pub plays: u64,
+    /// Seed of the play generator.
+    #[arg(long, env = "NEOPRO_SIM_SEED", default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Log format: human|json.
+    #[arg(long, env = "NEOPRO_LOG_FORMAT", default_value = "human")]
+    pub log_format: String,
 }
 
 /// Where and what to simulate (shared by every subcommand).

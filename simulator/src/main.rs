@@ -12,12 +12,14 @@ async fn main() -> ExitCode {
         Command::Demo(a) => a.fleet.log_format.clone(),
         Command::Bench(a) => a.fleet.log_format.clone(),
         Command::Soak(a) => a.fleet.log_format.clone(),
+        Command::Feed(a) => a.log_format.clone(),
     };
     simulator::init_logging(&log_format);
     let result = match cli.command {
         Command::Demo(a) => simulator::demo::run(a).await,
         Command::Bench(a) => simulator::bench::run(a).await,
         Command::Soak(a) => simulator::soak::run(a).await,
+        Command::Feed(a) => simulator::feed::run(a).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
