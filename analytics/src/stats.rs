@@ -350,12 +350,16 @@ x AS (
       ON m.video_filename = v.video_filename AND m.video_id = v.video_id AND m.month >= $3 AND m.month < $4
     UNION ALL
     SELECT s.site_id, s.impressions, s.seconds_played, s.completed_count, s.audience_sum
-    FROM v JOIN sponsor_daily_stats s
-      ON s.video_filename = v.video_filename AND s.video_id = v.video_id
-     AND ((s.day >= $5 AND s.day < $3) OR (s.day >= $4 AND s.day <= $6))
-    WHERE ($7::text IS NULL OR s.period = $7)
-      AND ($8::text IS NULL OR s.event_type = $8)
-      {SITE}
+    FROM v CROSS JOIN LATERAL (
+        -- Per video, so the (video_filename, day) index reads only the
+        -- sponsor's rows of the edge days.
+        SELECT s.* FROM sponsor_daily_stats s
+        WHERE s.video_filename = v.video_filename AND s.video_id = v.video_id
+          AND ((s.day >= $5 AND s.day < $3) OR (s.day >= $4 AND s.day <= $6))
+          AND ($7::text IS NULL OR s.period = $7)
+          AND ($8::text IS NULL OR s.event_type = $8)
+          {SITE}
+    ) s
 )
 SELECT x.site_id, si.name, sum(x.impressions)::int8, sum(x.seconds_played)::float8,
        sum(x.completed_count)::int8, sum(x.audience_sum)::int8
