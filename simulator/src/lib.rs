@@ -5,11 +5,13 @@
 //!   summary and the exactly-once check, all read back from PostgreSQL.
 //! * [`fleet`]: the real pipeline in-process (embedded broker or any MQTT URL,
 //!   the ingestor App, N edge Apps with their SQLite outboxes).
+//! * [`faults`]: the fault scenarios (CI suite and `soak`).
 //! * [`demo`], [`bench`], [`soak`], [`feed`]: the subcommands; [`cli`]: their flags.
 pub mod bench;
 pub mod catalogue;
 pub mod cli;
 pub mod demo;
+pub mod faults;
 pub mod feed;
 pub mod fleet;
 pub mod pg;

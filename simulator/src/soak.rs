@@ -1,1 +1,42 @@
-pub async fn run(_a: crate::cli::SoakArgs) -> anyhow::Result<bool> { anyhow::bail!("soak: not yet") }
+//! `neopro-sim soak`: every fault scenario of the CI suite, larger, one after
+//! the other, and a table: scenario, played, stored, duplicates, lost,
+//! recovery time. Exit code 0 only when every scenario is exact.
+
+use crate::cli::SoakArgs;
+use crate::faults::{self, Fault, Outcome, Scale};
+
+pub async fn run(args: SoakArgs) -> anyhow::Result<bool> {
+    let scale = Scale::times(args.scale);
+    let server = args.fleet.server_url();
+    println!(
+        "soak: scale {} ({} boxes x {} plays streamed at {:.0}/s, backlog {}, faults of {:.1}s); binaries from {}",
+        args.scale,
+        scale.sites,
+        scale.plays_per_site,
+        scale.rate,
+        scale.backlog,
+        scale.fault_secs,
+        faults::bin_dir().display()
+    );
+    println!("{}", Outcome::header());
+    let mut all_exact = true;
+    for f in Fault::ALL {
+        if !args.only.is_empty() && !args.only.iter().any(|o| o == f.name()) {
+            continue;
+        }
+        match faults::run(*f, &server, &scale).await {
+            Ok(o) => {
+                println!("{}", o.row());
+                if !o.exact {
+                    print!("{}", o.detail);
+                    all_exact = false;
+                }
+            }
+            Err(e) => {
+                println!("{:<22} ERROR {e:#}", f.name());
+                all_exact = false;
+            }
+        }
+    }
+    Ok(all_exact)
+}
