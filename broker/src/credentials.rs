@@ -178,6 +178,19 @@ impl Credentials {
             tmp.write_all(self.render().as_bytes())?;
             tmp.as_file().sync_all()?;
         }
+        // Keep an existing file's mode and owner (e.g. root:neopro-broker
+        // 0640, so the service can still read it after a `passwd`).
+        #[cfg(unix)]
+        if let Ok(old) = std::fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::set_permissions(tmp.path(), old.permissions())?;
+            if let Err(e) = std::os::unix::fs::chown(tmp.path(), Some(old.uid()), Some(old.gid())) {
+                eprintln!(
+                    "warning: could not keep the owner of {} ({e}); check that the broker can still read it",
+                    path.display()
+                );
+            }
+        }
         tmp.persist(path)
             .with_context(|| format!("replacing {}", path.display()))?;
         Ok(())
@@ -340,5 +353,17 @@ mod tests {
             assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+            c.set_password("club-2", "pw2").unwrap();
+            c.save(&f).unwrap();
+            assert_eq!(
+                std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+                0o640,
+                "an operator's mode is kept"
+            );
+        }
     }
 }

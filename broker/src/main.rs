@@ -133,6 +133,10 @@ enum Command {
         /// Unacknowledged QoS 1 messages per client.
         #[arg(long, default_value_t = 100)]
         inflight: u16,
+        /// Messages published but not yet received, all publishers together
+        /// (keep it under Mosquitto's max_queued_messages, default 1000).
+        #[arg(long, default_value_t = 500)]
+        window: usize,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
@@ -191,6 +195,7 @@ fn main() -> anyhow::Result<()> {
             payload_bytes,
             publishers,
             inflight,
+            window,
             rounds,
         }) => tokio::runtime::Runtime::new()?
             .block_on(broker::bench::run(broker::bench::BenchOptions {
@@ -199,6 +204,7 @@ fn main() -> anyhow::Result<()> {
                 payload_bytes,
                 publishers,
                 inflight,
+                window,
                 rounds,
             }))
             .map(|_| ()),
