@@ -182,7 +182,11 @@ struct Rename {
     name: String,
 }
 
-async fn rename_sponsor(State(s): State<AppState>, Path(id): Path<String>, body: bytes::Bytes) -> ApiResult<Json<Sponsor>> {
+async fn rename_sponsor(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    body: bytes::Bytes,
+) -> ApiResult<Json<Sponsor>> {
     let r: Rename = json_body(&body)?;
     let sp = Sponsor { id, name: r.name };
     catalogue::rename_sponsor(&s.pool, &sp).await?;
@@ -212,7 +216,11 @@ async fn delete_rule(State(s): State<AppState>, Path((id, rule_id)): Path<(Strin
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn import_catalogue(State(s): State<AppState>, headers: HeaderMap, body: bytes::Bytes) -> ApiResult<Json<catalogue::ImportReport>> {
+async fn import_catalogue(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> ApiResult<Json<catalogue::ImportReport>> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

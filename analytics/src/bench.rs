@@ -73,7 +73,12 @@ pub struct BenchArgs {
 }
 
 const TOKEN: &str = "bench-token";
-const PERIODS: [(&str, f64); 4] = [("loop", 0.55), ("pre_match", 0.15), ("halftime", 0.15), ("post_match", 0.15)];
+const PERIODS: [(&str, f64); 4] = [
+    ("loop", 0.55),
+    ("pre_match", 0.15),
+    ("halftime", 0.15),
+    ("post_match", 0.15),
+];
 const EVENTS: [(&str, f64); 4] = [("match", 0.5), ("training", 0.3), ("tournament", 0.1), ("other", 0.1)];
 
 fn pick<'a>(r: f64, table: &[(&'a str, f64)]) -> &'a str {
@@ -159,7 +164,9 @@ async fn load(args: &BenchArgs, admin_url: &str, url: &str, first_day: NaiveDate
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
         .execute(&mut admin)
         .await?;
-    sqlx::query(&format!("CREATE DATABASE \"{db}\"")).execute(&mut admin).await?;
+    sqlx::query(&format!("CREATE DATABASE \"{db}\""))
+        .execute(&mut admin)
+        .await?;
     let pool = runtime::db::connect(url, 4).await?;
     runtime::db::migrate(&pool).await?;
     sqlx::query("SELECT create_impression_partitions($1, $2)")
@@ -253,7 +260,11 @@ async fn load(args: &BenchArgs, admin_url: &str, url: &str, first_day: NaiveDate
             buf.clear();
         }
         if (i + 1) % 1_000_000 == 0 {
-            eprintln!("bench:   {} plays sent ({:.0} s)", i + 1, started.elapsed().as_secs_f64());
+            eprintln!(
+                "bench:   {} plays sent ({:.0} s)",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     if !buf.is_empty() {
@@ -322,7 +333,9 @@ fn drop_os_caches() -> Result<(), String> {
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").map_err(|e| e.to_string())
 }
 
-async fn start_app(url: &str) -> anyhow::Result<(String, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+async fn start_app(
+    url: &str,
+) -> anyhow::Result<(String, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let settings = Settings {
         database_url: url.to_owned(),
         http_addr: "127.0.0.1:0".parse()?,
@@ -355,7 +368,11 @@ async fn timed_get(client: &reqwest::Client, url: &str) -> anyhow::Result<(u64, 
     let status = r.status();
     let body = r.bytes().await?;
     let us = t.elapsed().as_micros() as u64;
-    anyhow::ensure!(status.is_success(), "{url}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+    anyhow::ensure!(
+        status.is_success(),
+        "{url}: HTTP {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
     Ok((us, serde_json::from_slice(&body)?))
 }
 
@@ -377,11 +394,11 @@ async fn baseline(pool: &PgPool, sponsor: &str, from: NaiveDate, to: NaiveDate) 
     );
     let sites_sql = format!("SELECT count(DISTINCT site_id) {sel}");
     let groups = sqlx::query_as::<_, (Option<i64>,)>(&groups_sql)
-    .bind(&files)
-    .bind(&ids)
-    .bind(lo)
-    .bind(hi)
-    .fetch_all(pool);
+        .bind(&files)
+        .bind(&ids)
+        .bind(lo)
+        .bind(hi)
+        .fetch_all(pool);
     let sites = sqlx::query_as::<_, (i64,)>(&sites_sql)
         .bind(&files)
         .bind(&ids)
@@ -442,7 +459,11 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     // all of it); the 365-day range ending yesterday has partial months at
     // both ends (edge days read sponsor_daily_stats for the by-site part).
     let m_end = d1.with_day(1).expect("first of month");
-    let m_end = if d1.succ_opt().map(|d| d.day() == 1).unwrap_or(false) { d1.succ_opt().expect("next day") } else { m_end };
+    let m_end = if d1.succ_opt().map(|d| d.day() == 1).unwrap_or(false) {
+        d1.succ_opt().expect("next day")
+    } else {
+        m_end
+    };
     let m_start = m_end - chrono::Months::new(12);
     let m_last = m_end.pred_opt().expect("previous day");
     let mid_from = d0 + Days::new(((d1 - d0).num_days() / 4) as u64);
@@ -453,13 +474,25 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         .iter()
         .flat_map(|s| {
             vec![
-                (format!("{s} 12 whole months"), format!("{s}/stats?from={m_start}&to={m_last}")),
+                (
+                    format!("{s} 12 whole months"),
+                    format!("{s}/stats?from={m_start}&to={m_last}"),
+                ),
                 (format!("{s} 365 days"), format!("{s}/stats?from={d0}&to={d1}")),
-                (format!("{s} mid-month range"), format!("{s}/stats?from={mid_from}&to={mid_to}")),
+                (
+                    format!("{s} mid-month range"),
+                    format!("{s}/stats?from={mid_from}&to={mid_to}"),
+                ),
                 (format!("{s} 30 days"), format!("{s}/stats?from={m30}&to={d1}")),
                 (format!("{s} 7 days"), format!("{s}/stats?from={w7}&to={d1}")),
-                (format!("{s} 30 days halftime"), format!("{s}/stats?from={m30}&to={d1}&period=halftime")),
-                (format!("{s} year one site"), format!("{s}/stats?from={d0}&to={d1}&site_id=site-0007")),
+                (
+                    format!("{s} 30 days halftime"),
+                    format!("{s}/stats?from={m30}&to={d1}&period=halftime"),
+                ),
+                (
+                    format!("{s} year one site"),
+                    format!("{s}/stats?from={d0}&to={d1}&site_id=site-0007"),
+                ),
             ]
         })
         .collect();
@@ -495,14 +528,21 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         warm.record(us)?;
         per[k].record(us)?;
     }
-    println!("stats cold ({drop_note}; new App + pool; PostgreSQL shared_buffers stay warm): {}", summary(&cold));
+    println!(
+        "stats cold ({drop_note}; new App + pool; PostgreSQL shared_buffers stay warm): {}",
+        summary(&cold)
+    );
     println!("stats warm (mix of {} queries): {}", queries.len(), summary(&warm));
     for ((name, _), h) in queries.iter().zip(&per) {
         println!("  warm {:<28} {}", name, summary(h));
     }
 
     // Baseline: the seed's approach for the top sponsor's year, vs ours.
-    let (_, ours) = timed_get(&client, &format!("{base}/api/analytics/sponsors/{top}/stats?from={d0}&to={d1}")).await?;
+    let (_, ours) = timed_get(
+        &client,
+        &format!("{base}/api/analytics/sponsors/{top}/stats?from={d0}&to={d1}"),
+    )
+    .await?;
     let mut base_h = Histogram::<u64>::new(3)?;
     let mut base_res = (0, 0);
     for _ in 0..args.baseline_runs.max(1) {
@@ -511,7 +551,8 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         base_h.record(t.elapsed().as_micros() as u64)?;
     }
     let ours_p50 = per[1].value_at_quantile(0.5) as f64;
-    let same = ours["total_impressions"].as_i64() == Some(base_res.0) && ours["sites_reached"].as_i64() == Some(base_res.1);
+    let same =
+        ours["total_impressions"].as_i64() == Some(base_res.0) && ours["sites_reached"].as_i64() == Some(base_res.1);
     println!(
         "baseline (seed approach: aggregate raw plays) {top} 365 days: {} ; rollups (same query, warm) p50={:.1}ms ; ratio baseline/rollups p50 = {:.1}x ; figures equal: {} (impressions {} vs {}, sites {} vs {})",
         summary(&base_h),
@@ -540,7 +581,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     };
     let t = Instant::now();
     let mut resp = client
-        .get(format!("{base}/api/analytics/sponsors/{top}/playouts.csv?from={d0}&to={d1}"))
+        .get(format!(
+            "{base}/api/analytics/sponsors/{top}/playouts.csv?from={d0}&to={d1}"
+        ))
         .bearer_auth(TOKEN)
         .send()
         .await?;
@@ -603,7 +646,9 @@ async fn trigger_cost(pool: &PgPool, day: NaiveDate) -> anyhow::Result<()> {
             let mut tx = conn.begin().await?;
             if !with_triggers {
                 // Session-local: user triggers do not fire (replica role).
-                sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await?;
+                sqlx::query("SET LOCAL session_replication_role = replica")
+                    .execute(&mut *tx)
+                    .await?;
             }
             let t = Instant::now();
             sqlx::query(SQL).bind(day).bind(b).execute(&mut *tx).await?;

@@ -131,7 +131,10 @@ pub async fn rename_sponsor(pool: &PgPool, s: &Sponsor) -> ApiResult<()> {
 
 /// Deletes a sponsor and its rules (its plays become unattributed).
 pub async fn delete_sponsor(pool: &PgPool, id: &str) -> ApiResult<()> {
-    let r = sqlx::query("DELETE FROM sponsors WHERE id = $1").bind(id).execute(pool).await?;
+    let r = sqlx::query("DELETE FROM sponsors WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
     if r.rows_affected() == 0 {
         return Err(ApiError::NotFound(format!("unknown sponsor '{id}'")));
     }
@@ -168,7 +171,11 @@ pub async fn add_rule(pool: &PgPool, sponsor_id: &str, rule: &NewRule) -> ApiRes
             .video_id
             .as_ref()
             .map(|v| format!("video_id '{v}'"))
-            .or_else(|| rule.filename_pattern.as_ref().map(|p| format!("filename_pattern '{p}'")))
+            .or_else(|| {
+                rule.filename_pattern
+                    .as_ref()
+                    .map(|p| format!("filename_pattern '{p}'"))
+            })
             .unwrap_or_default();
         ApiError::Conflict(format!("{what} is already attributed to a sponsor"))
     })
@@ -181,7 +188,9 @@ pub async fn delete_rule(pool: &PgPool, sponsor_id: &str, rule_id: i64) -> ApiRe
         .execute(pool)
         .await?;
     if r.rows_affected() == 0 {
-        return Err(ApiError::NotFound(format!("no rule {rule_id} for sponsor '{sponsor_id}'")));
+        return Err(ApiError::NotFound(format!(
+            "no rule {rule_id} for sponsor '{sponsor_id}'"
+        )));
     }
     Ok(())
 }
@@ -231,7 +240,9 @@ pub enum CatalogueFormat {
 /// Errors name the line/field.
 pub fn parse_catalogue(text: &str, format: CatalogueFormat) -> ApiResult<Catalogue> {
     let cat = match format {
-        CatalogueFormat::Toml => toml::from_str::<Catalogue>(text).map_err(|e| ApiError::bad("catalogue", e.to_string()))?,
+        CatalogueFormat::Toml => {
+            toml::from_str::<Catalogue>(text).map_err(|e| ApiError::bad("catalogue", e.to_string()))?
+        }
         CatalogueFormat::Csv => {
             #[derive(Deserialize)]
             struct Line {
@@ -242,7 +253,9 @@ pub fn parse_catalogue(text: &str, format: CatalogueFormat) -> ApiResult<Catalog
                 #[serde(default)]
                 filename_pattern: Option<String>,
             }
-            let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(text.as_bytes());
+            let mut rdr = csv::ReaderBuilder::new()
+                .trim(csv::Trim::All)
+                .from_reader(text.as_bytes());
             let mut cat = Catalogue::default();
             for (i, rec) in rdr.deserialize::<Line>().enumerate() {
                 let l = rec.map_err(|e| ApiError::bad("catalogue", format!("CSV line {}: {e}", i + 2)))?;
@@ -259,7 +272,10 @@ pub fn parse_catalogue(text: &str, format: CatalogueFormat) -> ApiResult<Catalog
                 };
                 let s = &mut cat.sponsors[idx];
                 s.name = l.sponsor_name;
-                match (l.video_id.filter(|v| !v.is_empty()), l.filename_pattern.filter(|v| !v.is_empty())) {
+                match (
+                    l.video_id.filter(|v| !v.is_empty()),
+                    l.filename_pattern.filter(|v| !v.is_empty()),
+                ) {
                     (Some(_), Some(_)) => {
                         return Err(ApiError::bad(
                             "catalogue",
@@ -281,12 +297,22 @@ pub fn parse_catalogue(text: &str, format: CatalogueFormat) -> ApiResult<Catalog
         })
         .map_err(|e| ApiError::bad("catalogue", format!("sponsor '{}': {e}", s.id)))?;
         for v in &s.video_ids {
-            NewRule { video_id: Some(v.clone()), filename_pattern: None, title: None }.validate()
-                .map_err(|e| ApiError::bad("catalogue", format!("sponsor '{}': {e}", s.id)))?;
+            NewRule {
+                video_id: Some(v.clone()),
+                filename_pattern: None,
+                title: None,
+            }
+            .validate()
+            .map_err(|e| ApiError::bad("catalogue", format!("sponsor '{}': {e}", s.id)))?;
         }
         for p in &s.filename_patterns {
-            NewRule { video_id: None, filename_pattern: Some(p.clone()), title: None }.validate()
-                .map_err(|e| ApiError::bad("catalogue", format!("sponsor '{}': {e}", s.id)))?;
+            NewRule {
+                video_id: None,
+                filename_pattern: Some(p.clone()),
+                title: None,
+            }
+            .validate()
+            .map_err(|e| ApiError::bad("catalogue", format!("sponsor '{}': {e}", s.id)))?;
         }
     }
     Ok(cat)
@@ -363,11 +389,17 @@ mod tests {
 
     #[test]
     fn bad_lines_are_named() {
-        let e = parse_catalogue("sponsor_id,sponsor_name,video_id,filename_pattern\nbad id,X,v,\n", CatalogueFormat::Csv)
-            .unwrap_err();
+        let e = parse_catalogue(
+            "sponsor_id,sponsor_name,video_id,filename_pattern\nbad id,X,v,\n",
+            CatalogueFormat::Csv,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("bad id"), "{e}");
-        let e = parse_catalogue("sponsor_id,sponsor_name,video_id,filename_pattern\nok,X,v,p*\n", CatalogueFormat::Csv)
-            .unwrap_err();
+        let e = parse_catalogue(
+            "sponsor_id,sponsor_name,video_id,filename_pattern\nok,X,v,p*\n",
+            CatalogueFormat::Csv,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
     }
 }

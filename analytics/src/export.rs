@@ -10,7 +10,7 @@
 //! through a bounded channel: a slow client slows the query down (TCP
 //! backpressure), so a year of plays exports in constant memory.
 
-use crate::stats::{Attributed, StatsQuery, Stats};
+use crate::stats::{Attributed, Stats, StatsQuery};
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use futures::{SinkExt, TryStreamExt};
@@ -100,7 +100,7 @@ pub fn stats_csv(s: &Stats) -> anyhow::Result<Vec<u8>> {
         let day = d.day.to_string();
         row(&mut w, "day", &day, &day, &d.figures, None)?;
     }
-    Ok(w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))?)
+    w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))
 }
 
 /// Header of the playout log.

@@ -30,7 +30,11 @@ fn main() -> anyhow::Result<()> {
             }
             Command::ImportCatalogue { file } => {
                 let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-                let format = match file.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) {
+                let format = match file
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(|e| e.to_ascii_lowercase())
+                {
                     Some(e) if e == "csv" => analytics::catalogue::CatalogueFormat::Csv,
                     Some(e) if e == "toml" => analytics::catalogue::CatalogueFormat::Toml,
                     _ => anyhow::bail!("{}: the catalogue must be a .csv or .toml file", file.display()),

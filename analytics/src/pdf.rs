@@ -67,7 +67,8 @@ impl Page {
             vec![if bold { "F2" } else { "F1" }.into(), size.into()],
         ));
         self.ops.push(Operation::new("Td", vec![x.into(), y.into()]));
-        self.ops.push(Operation::new("Tj", vec![Object::string_literal(latin1(s))]));
+        self.ops
+            .push(Operation::new("Tj", vec![Object::string_literal(latin1(s))]));
         self.ops.push(Operation::new("ET", vec![]));
     }
 
@@ -97,10 +98,14 @@ impl Page {
         const COLS: [f32; 6] = [MARGIN, 250.0, 320.0, 410.0, 470.0, 520.0];
         self.text(MARGIN, y, 12.0, true, title);
         y -= 16.0;
-        for (x, h) in COLS
-            .iter()
-            .zip([first_col, "Impressions", "Screen time (s)", "Completed", "Rate", "Audience"])
-        {
+        for (x, h) in COLS.iter().zip([
+            first_col,
+            "Impressions",
+            "Screen time (s)",
+            "Completed",
+            "Rate",
+            "Audience",
+        ]) {
             self.text(*x, y, 8.0, true, h);
         }
         y -= 4.0;
@@ -131,10 +136,22 @@ pub fn render(s: &Stats, generated_at: chrono::DateTime<chrono::Utc>) -> anyhow:
     let mut y = H - MARGIN - 10.0;
     p1.rect(0.0, H - 70.0, W, 70.0, (0.11, 0.24, 0.45));
     p1.fill((1.0, 1.0, 1.0));
-    p1.text(MARGIN, H - 45.0, 20.0, true, &format!("Sponsor report: {}", s.sponsor.name));
+    p1.text(
+        MARGIN,
+        H - 45.0,
+        20.0,
+        true,
+        &format!("Sponsor report: {}", s.sponsor.name),
+    );
     p1.fill((0.0, 0.0, 0.0));
     y -= 60.0;
-    p1.text(MARGIN, y, 10.0, false, &format!("Sponsor: {} ({})", s.sponsor.name, s.sponsor.id));
+    p1.text(
+        MARGIN,
+        y,
+        10.0,
+        false,
+        &format!("Sponsor: {} ({})", s.sponsor.name, s.sponsor.id),
+    );
     y -= 14.0;
     p1.text(
         MARGIN,

@@ -85,16 +85,28 @@ fn tokens<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Erro
         T::List(v) => v,
         T::One(s) => split_tokens(&s),
     })
-    .map(|v: Vec<String>| v.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect())
+    .map(|v: Vec<String>| {
+        v.into_iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect()
+    })
 }
 
 pub fn split_tokens(s: &str) -> Vec<String> {
-    s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect()
+    s.split(',')
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 /// `neopro-analytics` command line.
 #[derive(Debug, Parser)]
-#[command(name = "neopro-analytics", version, about = "NeoPro sponsor analytics: stats API, exports, dashboard")]
+#[command(
+    name = "neopro-analytics",
+    version,
+    about = "NeoPro sponsor analytics: stats API, exports, dashboard"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: CommonArgs,

@@ -77,13 +77,19 @@ impl StatsQuery {
             return Err(ApiError::bad("from", format!("{from} is after to={to}")));
         }
         if (to - from).num_days() >= MAX_RANGE_DAYS {
-            return Err(ApiError::bad("from", format!("range longer than {MAX_RANGE_DAYS} days")));
+            return Err(ApiError::bad(
+                "from",
+                format!("range longer than {MAX_RANGE_DAYS} days"),
+            ));
         }
         let site_id = match get("site_id") {
             Some(s) => {
                 let ok = s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
                 if !ok {
-                    return Err(ApiError::bad("site_id", "must be 1-64 characters among A-Z a-z 0-9 _ -"));
+                    return Err(ApiError::bad(
+                        "site_id",
+                        "must be 1-64 characters among A-Z a-z 0-9 _ -",
+                    ));
                 }
                 Some(s.to_owned())
             }
@@ -212,9 +218,12 @@ pub struct Attributed {
 /// catalogue (`videos`) and of the set of played videos (`analytics_videos`,
 /// which only grows). A change by any process (API, CLI import, psql) is seen
 /// by the next request.
+/// (catalogue fingerprint, sponsor -> its played videos).
+type CachedAttribution = ((i64, i64, i64), HashMap<String, Attributed>);
+
 #[derive(Clone, Default)]
 pub struct AttributionCache {
-    inner: std::sync::Arc<tokio::sync::Mutex<Option<((i64, i64, i64), HashMap<String, Attributed>)>>>,
+    inner: std::sync::Arc<tokio::sync::Mutex<Option<CachedAttribution>>>,
 }
 
 const FINGERPRINT_SQL: &str = "
@@ -377,7 +386,9 @@ fn month_split(from: NaiveDate, to: NaiveDate) -> (NaiveDate, NaiveDate) {
     let mf = if from.day() == 1 {
         from
     } else {
-        first_of(from).checked_add_months(chrono::Months::new(1)).unwrap_or(after)
+        first_of(from)
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap_or(after)
     };
     let mt = first_of(after);
     if mf < mt {
@@ -481,9 +492,13 @@ pub async fn compute(pool: &PgPool, cache: &AttributionCache, sponsor_id: &str, 
         }
     } else {
         let groups_sql = if q.site_id.is_some() {
-            GROUPS_SQL.replace("{SRC}", "sponsor_daily_stats").replace("{SITE}", "AND t.site_id = $7")
+            GROUPS_SQL
+                .replace("{SRC}", "sponsor_daily_stats")
+                .replace("{SITE}", "AND t.site_id = $7")
         } else {
-            GROUPS_SQL.replace("{SRC}", "analytics_video_daily").replace("{SITE}", "")
+            GROUPS_SQL
+                .replace("{SRC}", "analytics_video_daily")
+                .replace("{SITE}", "")
         };
         let mut groups_q = sqlx::query_as::<_, GroupRow>(&groups_sql)
             .bind(&att.filenames)
@@ -599,12 +614,27 @@ mod tests {
 
     #[test]
     fn month_split_cases() {
-        assert_eq!(month_split(d("2026-01-01"), d("2026-12-31")), (d("2026-01-01"), d("2027-01-01")));
-        assert_eq!(month_split(d("2026-01-15"), d("2026-03-10")), (d("2026-02-01"), d("2026-03-01")));
+        assert_eq!(
+            month_split(d("2026-01-01"), d("2026-12-31")),
+            (d("2026-01-01"), d("2027-01-01"))
+        );
+        assert_eq!(
+            month_split(d("2026-01-15"), d("2026-03-10")),
+            (d("2026-02-01"), d("2026-03-01"))
+        );
         // No whole month: everything from the daily table.
-        assert_eq!(month_split(d("2026-01-15"), d("2026-02-10")), (d("2026-02-11"), d("2026-02-11")));
-        assert_eq!(month_split(d("2026-02-01"), d("2026-02-27")), (d("2026-02-28"), d("2026-02-28")));
-        assert_eq!(month_split(d("2026-02-01"), d("2026-02-28")), (d("2026-02-01"), d("2026-03-01")));
+        assert_eq!(
+            month_split(d("2026-01-15"), d("2026-02-10")),
+            (d("2026-02-11"), d("2026-02-11"))
+        );
+        assert_eq!(
+            month_split(d("2026-02-01"), d("2026-02-27")),
+            (d("2026-02-28"), d("2026-02-28"))
+        );
+        assert_eq!(
+            month_split(d("2026-02-01"), d("2026-02-28")),
+            (d("2026-02-01"), d("2026-03-01"))
+        );
     }
 
     #[test]

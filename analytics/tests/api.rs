@@ -22,7 +22,10 @@ async fn check(app: &TestApp, plays: &[Play], sponsor: &str, f: &Filter<'_>, ctx
         .json(&format!("/api/analytics/sponsors/{sponsor}/stats?{}", f.query()))
         .await;
     let e = expected(plays, &rules, sponsor, f);
-    assert!(e.total.impressions > 0 || ctx.contains("empty"), "{ctx}: fixture has plays");
+    assert!(
+        e.total.impressions > 0 || ctx.contains("empty"),
+        "{ctx}: fixture has plays"
+    );
     assert_stats(ctx, &s, &e, f);
     s
 }
@@ -38,15 +41,45 @@ async fn stats_equal_raw_rows_for_ranges_filters_late_plays_and_catalogue_change
     ];
     for sponsor in ["coca-cola", "adidas"] {
         for (a, b) in ranges {
-            let f = Filter { from: day(a), to: day(b), site_id: None, event_type: None, period: None };
+            let f = Filter {
+                from: day(a),
+                to: day(b),
+                site_id: None,
+                event_type: None,
+                period: None,
+            };
             check(&app, &plays, sponsor, &f, &format!("{sponsor} {a}..{b}")).await;
         }
         let (a, b) = ranges[0];
         for f in [
-            Filter { from: day(a), to: day(b), site_id: Some("site-3"), event_type: None, period: None },
-            Filter { from: day(a), to: day(b), site_id: None, event_type: Some("match"), period: None },
-            Filter { from: day(a), to: day(b), site_id: None, event_type: None, period: Some("halftime") },
-            Filter { from: day("2026-09-10"), to: day("2026-10-20"), site_id: Some("site-1"), event_type: Some("training"), period: Some("loop") },
+            Filter {
+                from: day(a),
+                to: day(b),
+                site_id: Some("site-3"),
+                event_type: None,
+                period: None,
+            },
+            Filter {
+                from: day(a),
+                to: day(b),
+                site_id: None,
+                event_type: Some("match"),
+                period: None,
+            },
+            Filter {
+                from: day(a),
+                to: day(b),
+                site_id: None,
+                event_type: None,
+                period: Some("halftime"),
+            },
+            Filter {
+                from: day("2026-09-10"),
+                to: day("2026-10-20"),
+                site_id: Some("site-1"),
+                event_type: Some("training"),
+                period: Some("loop"),
+            },
         ] {
             let ctx = format!("{sponsor} filtered {}", f.query());
             check(&app, &plays, sponsor, &f, &ctx).await;
@@ -54,7 +87,9 @@ async fn stats_equal_raw_rows_for_ranges_filters_late_plays_and_catalogue_change
     }
 
     // Plays attributed only by filename rule are counted.
-    let s = app.json("/api/analytics/sponsors/coca-cola/stats?from=2026-08-20&to=2026-11-17").await;
+    let s = app
+        .json("/api/analytics/sponsors/coca-cola/stats?from=2026-08-20&to=2026-11-17")
+        .await;
     let by_rule: i64 = s["top_videos"]
         .as_array()
         .unwrap()
@@ -69,25 +104,57 @@ async fn stats_equal_raw_rows_for_ranges_filters_late_plays_and_catalogue_change
     let late = random_plays(99, 400, day("2026-10-01"), 7, 8);
     ingest_like_ingestor(&pool, &late).await;
     plays.extend(late);
-    for (a, b) in [("2026-08-20", "2026-11-17"), ("2026-10-01", "2026-10-07"), ("2026-09-14", "2026-10-03")] {
-        let f = Filter { from: day(a), to: day(b), site_id: None, event_type: None, period: None };
+    for (a, b) in [
+        ("2026-08-20", "2026-11-17"),
+        ("2026-10-01", "2026-10-07"),
+        ("2026-09-14", "2026-10-03"),
+    ] {
+        let f = Filter {
+            from: day(a),
+            to: day(b),
+            site_id: None,
+            event_type: None,
+            period: None,
+        };
         check(&app, &plays, "coca-cola", &f, &format!("after late plays {a}..{b}")).await;
     }
     // A recompute of a day (repair) leaves the figures unchanged.
-    sqlx::query("SELECT calculate_sponsor_daily_stats('2026-10-03')").execute(&pool).await.unwrap();
-    let f = Filter { from: day("2026-08-20"), to: day("2026-11-17"), site_id: None, event_type: Some("other"), period: None };
+    sqlx::query("SELECT calculate_sponsor_daily_stats('2026-10-03')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let f = Filter {
+        from: day("2026-08-20"),
+        to: day("2026-11-17"),
+        site_id: None,
+        event_type: Some("other"),
+        period: None,
+    };
     check(&app, &plays, "adidas", &f, "after recompute").await;
 
     // Changing the catalogue re-attributes the past: a more specific rule
     // moves the coca-cola goal clip to adidas; deleting it moves it back.
     let r = app
-        .post_json("/api/sponsors/adidas/videos", json!({"filename_pattern": "sponsor_coca_cola_goal*"}))
+        .post_json(
+            "/api/sponsors/adidas/videos",
+            json!({"filename_pattern": "sponsor_coca_cola_goal*"}),
+        )
         .await;
     assert_eq!(r.status(), 201);
     let rule: serde_json::Value = r.json().await.unwrap();
-    let f = Filter { from: day("2026-08-20"), to: day("2026-11-17"), site_id: None, event_type: None, period: None };
+    let f = Filter {
+        from: day("2026-08-20"),
+        to: day("2026-11-17"),
+        site_id: None,
+        event_type: None,
+        period: None,
+    };
     let moved = check(&app, &plays, "adidas", &f, "after moving a clip").await;
-    assert!(moved["top_videos"].as_array().unwrap().iter().any(|v| v["video_filename"] == "sponsor_coca_cola_goal.mp4"));
+    assert!(moved["top_videos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["video_filename"] == "sponsor_coca_cola_goal.mp4"));
     check(&app, &plays, "coca-cola", &f, "coca-cola after moving a clip").await;
     let r = app
         .client
@@ -120,20 +187,34 @@ async fn csv_and_playout_exports_parse_back_to_the_same_figures(pool: PgPool) {
     let s = app.json(&format!("/api/analytics/sponsors/coca-cola/stats?{q}")).await;
 
     // stats.csv
-    let r = app.get(&format!("/api/analytics/sponsors/coca-cola/stats.csv?{q}")).await;
+    let r = app
+        .get(&format!("/api/analytics/sponsors/coca-cola/stats.csv?{q}"))
+        .await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
     let text = r.text().await.unwrap();
     let mut rdr = csv::Reader::from_reader(text.as_bytes());
-    assert_eq!(rdr.headers().unwrap().iter().collect::<Vec<_>>(), analytics::export::STATS_CSV_HEADER);
+    assert_eq!(
+        rdr.headers().unwrap().iter().collect::<Vec<_>>(),
+        analytics::export::STATS_CSV_HEADER
+    );
     let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
     let total = rows.iter().find(|r| &r[0] == "total").unwrap();
     assert_eq!(total[1].to_string(), "coca-cola");
-    assert_eq!(total[3].parse::<i64>().unwrap(), s["total_impressions"].as_i64().unwrap());
-    assert_eq!(total[4].parse::<f64>().unwrap(), s["screen_time_seconds"].as_f64().unwrap());
+    assert_eq!(
+        total[3].parse::<i64>().unwrap(),
+        s["total_impressions"].as_i64().unwrap()
+    );
+    assert_eq!(
+        total[4].parse::<f64>().unwrap(),
+        s["screen_time_seconds"].as_f64().unwrap()
+    );
     assert_eq!(total[5].parse::<i64>().unwrap(), s["completed"].as_i64().unwrap());
     assert_eq!(total[6].parse::<f64>().unwrap(), s["completion_rate"].as_f64().unwrap());
-    assert_eq!(total[7].parse::<i64>().unwrap(), s["audience_reached"].as_i64().unwrap());
+    assert_eq!(
+        total[7].parse::<i64>().unwrap(),
+        s["audience_reached"].as_i64().unwrap()
+    );
     assert_eq!(total[8].parse::<i64>().unwrap(), s["sites_reached"].as_i64().unwrap());
     for (section, list, key) in [
         ("period", &s["by_period"], "key"),
@@ -153,13 +234,24 @@ async fn csv_and_playout_exports_parse_back_to_the_same_figures(pool: PgPool) {
     }
 
     // playouts.csv: one row per raw play of the sponsor in range.
-    let r = app.get(&format!("/api/analytics/sponsors/coca-cola/playouts.csv?{q}")).await;
+    let r = app
+        .get(&format!("/api/analytics/sponsors/coca-cola/playouts.csv?{q}"))
+        .await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     let mut rdr = csv::Reader::from_reader(text.as_bytes());
-    assert_eq!(rdr.headers().unwrap().iter().collect::<Vec<_>>(), analytics::export::PLAYOUT_CSV_HEADER);
+    assert_eq!(
+        rdr.headers().unwrap().iter().collect::<Vec<_>>(),
+        analytics::export::PLAYOUT_CSV_HEADER
+    );
     let rules = rules(&pool).await;
-    let f = Filter { from: day("2026-09-14"), to: day("2026-10-20"), site_id: None, event_type: None, period: None };
+    let f = Filter {
+        from: day("2026-09-14"),
+        to: day("2026-10-20"),
+        site_id: None,
+        event_type: None,
+        period: None,
+    };
     let e = expected(&plays, &rules, "coca-cola", &f);
     let mut ids = std::collections::HashSet::new();
     let (mut n, mut secs, mut completed, mut audience) = (0i64, 0f64, 0i64, 0i64);
@@ -171,7 +263,11 @@ async fn csv_and_playout_exports_parse_back_to_the_same_figures(pool: PgPool) {
         assert!(ids.insert(rec[0].to_string()), "playout_id unique");
         let start = chrono::DateTime::parse_from_rfc3339(&rec[3]).unwrap();
         let end = chrono::DateTime::parse_from_rfc3339(&rec[4]).unwrap();
-        assert!(rec[3].ends_with("+00:00") && rec[4].ends_with("+00:00"), "explicit UTC offset: {}", &rec[3]);
+        assert!(
+            rec[3].ends_with("+00:00") && rec[4].ends_with("+00:00"),
+            "explicit UTC offset: {}",
+            &rec[3]
+        );
         let dur: f64 = rec[5].parse().unwrap();
         assert!(((end - start).num_microseconds().unwrap() as f64 / 1e6 - dur).abs() < 1e-5);
         assert!(rec[3] >= *prev_start, "ordered by start");
@@ -198,7 +294,10 @@ async fn csv_and_playout_exports_parse_back_to_the_same_figures(pool: PgPool) {
         })
         .map(|p| p.impression_id.to_string())
         .collect();
-    assert_eq!(ids, expected_ids, "playout ids are exactly the sponsor's impression ids");
+    assert_eq!(
+        ids, expected_ids,
+        "playout ids are exactly the sponsor's impression ids"
+    );
 
     // Filtered playouts agree with filtered stats.
     let r = app
@@ -218,7 +317,9 @@ async fn pdf_report_is_valid_and_contains_the_kpis(pool: PgPool) {
     let (app, _plays) = fixture(&pool).await;
     let q = "from=2026-09-01&to=2026-10-31";
     let s = app.json(&format!("/api/analytics/sponsors/coca-cola/stats?{q}")).await;
-    let r = app.get(&format!("/api/analytics/sponsors/coca-cola/report.pdf?{q}")).await;
+    let r = app
+        .get(&format!("/api/analytics/sponsors/coca-cola/report.pdf?{q}"))
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/pdf");
     let bytes = r.bytes().await.unwrap();
@@ -236,7 +337,10 @@ async fn pdf_report_is_valid_and_contains_the_kpis(pool: PgPool) {
         analytics::pdf::fmt_rate(s["completion_rate"].as_f64().unwrap()),
         analytics::pdf::fmt_int(s["sites_reached"].as_i64().unwrap()),
         analytics::pdf::fmt_int(s["audience_reached"].as_i64().unwrap()),
-        format!("{} s", analytics::pdf::fmt_int(s["screen_time_seconds"].as_f64().unwrap().round() as i64)),
+        format!(
+            "{} s",
+            analytics::pdf::fmt_int(s["screen_time_seconds"].as_f64().unwrap().round() as i64)
+        ),
         "Daily impressions".to_owned(),
         "By period".to_owned(),
         "halftime".to_owned(),
@@ -251,8 +355,16 @@ async fn pdf_report_is_valid_and_contains_the_kpis(pool: PgPool) {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("r.pdf");
         std::fs::write(&f, &bytes).unwrap();
-        let out = std::process::Command::new("/usr/bin/pdftotext").arg(&f).arg("-").output().unwrap();
-        assert!(out.status.success(), "pdftotext: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("/usr/bin/pdftotext")
+            .arg(&f)
+            .arg("-")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pdftotext: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let t = String::from_utf8_lossy(&out.stdout);
         wanted.truncate(9);
         for w in &wanted {
@@ -277,21 +389,46 @@ async fn auth_and_error_cases(pool: PgPool) {
         "/api/analytics/sponsors/coca-cola/playouts.csv",
     ] {
         assert_eq!(app.client.get(url(p)).send().await.unwrap().status(), 401, "{p}");
-        assert_eq!(app.client.get(url(p)).bearer_auth("nope").send().await.unwrap().status(), 401, "{p}");
+        assert_eq!(
+            app.client
+                .get(url(p))
+                .bearer_auth("nope")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401,
+            "{p}"
+        );
     }
-    let r = app.client.post(url("/api/sponsors")).json(&json!({"id": "x", "name": "X"})).send().await.unwrap();
+    let r = app
+        .client
+        .post(url("/api/sponsors"))
+        .json(&json!({"id": "x", "name": "X"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     // Open endpoints.
     assert_eq!(app.client.get(url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(app.client.get(url("/metrics")).send().await.unwrap().status(), 200);
-    let page = app.client.get(url("/sponsors/coca-cola/analytics")).send().await.unwrap();
+    let page = app
+        .client
+        .get(url("/sponsors/coca-cola/analytics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("kpi-total-impressions"));
     let js = app.client.get(url("/assets/chart.umd.min.js")).send().await.unwrap();
     assert!(js.text().await.unwrap().contains("Chart.js v4"));
     // 404 unknown sponsor, on stats and exports.
     for p in ["stats", "stats.csv", "report.pdf", "playouts.csv"] {
-        let r = app.get(&format!("/api/analytics/sponsors/pepsi/{p}?from=2026-01-01&to=2026-01-31")).await;
+        let r = app
+            .get(&format!(
+                "/api/analytics/sponsors/pepsi/{p}?from=2026-01-01&to=2026-01-31"
+            ))
+            .await;
         assert_eq!(r.status(), 404, "{p}");
     }
     // 400 naming the parameter.
@@ -312,7 +449,9 @@ async fn auth_and_error_cases(pool: PgPool) {
         }
     }
     // An empty range is fine and all zeros.
-    let s = app.json("/api/analytics/sponsors/coca-cola/stats?from=2020-01-01&to=2020-01-03").await;
+    let s = app
+        .json("/api/analytics/sponsors/coca-cola/stats?from=2020-01-01&to=2020-01-03")
+        .await;
     assert_eq!(s["total_impressions"], 0);
     assert_eq!(s["completion_rate"], 0.0);
     assert_eq!(s["daily"].as_array().unwrap().len(), 3);
@@ -321,23 +460,46 @@ async fn auth_and_error_cases(pool: PgPool) {
 #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
 async fn catalogue_endpoints_and_bulk_import(pool: PgPool) {
     let app = TestApp::start(pool.clone()).await;
-    let r = app.post_json("/api/sponsors", json!({"id": "coca-cola", "name": "Coca-Cola"})).await;
+    let r = app
+        .post_json("/api/sponsors", json!({"id": "coca-cola", "name": "Coca-Cola"}))
+        .await;
     assert_eq!(r.status(), 201);
-    let r = app.post_json("/api/sponsors", json!({"id": "coca-cola", "name": "Again"})).await;
+    let r = app
+        .post_json("/api/sponsors", json!({"id": "coca-cola", "name": "Again"}))
+        .await;
     assert_eq!(r.status(), 409);
-    let r = app.post_json("/api/sponsors", json!({"id": "bad id", "name": "X"})).await;
+    let r = app
+        .post_json("/api/sponsors", json!({"id": "bad id", "name": "X"}))
+        .await;
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["parameter"], "id");
     let r = app.post_json("/api/sponsors", json!({"id": "x"})).await;
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["parameter"], "name");
-    let r = app.post_json("/api/sponsors/coca-cola/videos", json!({"filename_pattern": "sponsor_coca_cola_*"})).await;
+    let r = app
+        .post_json(
+            "/api/sponsors/coca-cola/videos",
+            json!({"filename_pattern": "sponsor_coca_cola_*"}),
+        )
+        .await;
     assert_eq!(r.status(), 201);
-    let r = app.post_json("/api/sponsors/coca-cola/videos", json!({"filename_pattern": "sponsor_coca_cola_*"})).await;
+    let r = app
+        .post_json(
+            "/api/sponsors/coca-cola/videos",
+            json!({"filename_pattern": "sponsor_coca_cola_*"}),
+        )
+        .await;
     assert_eq!(r.status(), 409);
-    let r = app.post_json("/api/sponsors/coca-cola/videos", json!({"video_id": "a", "filename_pattern": "b"})).await;
+    let r = app
+        .post_json(
+            "/api/sponsors/coca-cola/videos",
+            json!({"video_id": "a", "filename_pattern": "b"}),
+        )
+        .await;
     assert_eq!(r.status(), 400);
-    let r = app.post_json("/api/sponsors/nobody/videos", json!({"video_id": "a"})).await;
+    let r = app
+        .post_json("/api/sponsors/nobody/videos", json!({"video_id": "a"}))
+        .await;
     assert_eq!(r.status(), 404);
     let rules = app.json("/api/sponsors/coca-cola/videos").await;
     assert_eq!(rules.as_array().unwrap().len(), 1);
@@ -374,7 +536,10 @@ async fn catalogue_endpoints_and_bulk_import(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert!(app.get("/api/sponsors/ok").await.status() == 404, "nothing of a refused file applied");
+    assert!(
+        app.get("/api/sponsors/ok").await.status() == 404,
+        "nothing of a refused file applied"
+    );
 
     // ... and the CLI (TOML), which moves an existing rule to another sponsor.
     let dir = tempfile::tempdir().unwrap();
@@ -391,10 +556,22 @@ async fn catalogue_endpoints_and_bulk_import(pool: PgPool) {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("3 rules"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 rules"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let sponsors = app.json("/api/sponsors").await;
-    let names: Vec<_> = sponsors.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect();
+    let names: Vec<_> = sponsors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(names, ["Adidas", "Coca-Cola", "Nike Inc"]);
-    let who: Option<String> = sqlx::query_scalar("SELECT sponsor_of('ad-1', 'whatever.mp4')").fetch_one(&pool).await.unwrap();
+    let who: Option<String> = sqlx::query_scalar("SELECT sponsor_of('ad-1', 'whatever.mp4')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(who.as_deref(), Some("nike"));
 }

@@ -31,17 +31,25 @@ fn chromium(args: &[String]) -> std::process::Output {
         .args(args)
         .output()
         .expect("running chromium");
-    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 /// The `data-value` of the element with this id in the dumped DOM.
 fn kpi(dom: &str, id: &str) -> String {
-    let at = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no #{id} in DOM"));
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in DOM"));
     let tag_end = at + dom[at..].find('>').unwrap();
     let tag = &dom[..tag_end];
     let tag = &tag[tag.rfind('<').unwrap()..];
-    let v = tag.find("data-value=\"").unwrap_or_else(|| panic!("#{id} has no data-value: {tag}"));
+    let v = tag
+        .find("data-value=\"")
+        .unwrap_or_else(|| panic!("#{id} has no data-value: {tag}"));
     let rest = &tag[v + 12..];
     rest[..rest.find('"').unwrap()].to_owned()
 }
@@ -88,7 +96,10 @@ async fn dashboard_shows_the_api_figures_in_headless_chromium(pool: PgPool) {
     });
     let out = dom_task.await.unwrap();
     let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(dom.contains("data-state=\"ready\""), "dashboard did not finish loading:\n{dom}");
+    assert!(
+        dom.contains("data-state=\"ready\""),
+        "dashboard did not finish loading:\n{dom}"
+    );
     assert!(dom.contains("Coca-Cola"));
 
     for (id, key) in [
@@ -99,7 +110,10 @@ async fn dashboard_shows_the_api_figures_in_headless_chromium(pool: PgPool) {
     ] {
         assert_eq!(kpi(&dom, id), api[key].as_i64().unwrap().to_string(), "{id}");
     }
-    for (id, key) in [("kpi-screen-time", "screen_time_seconds"), ("kpi-completion-rate", "completion_rate")] {
+    for (id, key) in [
+        ("kpi-screen-time", "screen_time_seconds"),
+        ("kpi-completion-rate", "completion_rate"),
+    ] {
         let shown: f64 = kpi(&dom, id).parse().unwrap();
         assert_eq!(shown, api[key].as_f64().unwrap(), "{id}");
     }

@@ -97,13 +97,13 @@ pub const EVENTS: [&str; 4] = ["match", "training", "tournament", "other"];
 
 /// Catalogue videos (video_id, filename) played in the fixtures.
 pub const VIDEOS: [(Option<&str>, &str); 7] = [
-    (Some("cc-1"), "coke_summer.mp4"),            // coca-cola by video_id
-    (Some("cc-2"), "coke_winter.mp4"),            // coca-cola by video_id
-    (None, "sponsor_coca_cola_goal.mp4"),         // coca-cola by filename rule
-    (None, "sponsor_coca_cola_halftime_v2.mp4"),  // coca-cola by filename rule
-    (Some("ad-1"), "adidas_run.mp4"),             // adidas by video_id
-    (None, "sponsor_adidas_boots.mp4"),           // adidas by filename rule
-    (None, "club_intro.mp4"),                     // nobody
+    (Some("cc-1"), "coke_summer.mp4"),           // coca-cola by video_id
+    (Some("cc-2"), "coke_winter.mp4"),           // coca-cola by video_id
+    (None, "sponsor_coca_cola_goal.mp4"),        // coca-cola by filename rule
+    (None, "sponsor_coca_cola_halftime_v2.mp4"), // coca-cola by filename rule
+    (Some("ad-1"), "adidas_run.mp4"),            // adidas by video_id
+    (None, "sponsor_adidas_boots.mp4"),          // adidas by filename rule
+    (None, "club_intro.mp4"),                    // nobody
 ];
 
 pub fn random_plays(seed: u64, n: usize, from: NaiveDate, days: i64, sites: usize) -> Vec<Play> {
@@ -207,13 +207,18 @@ pub async fn ingest_like_ingestor(pool: &PgPool, plays: &[Play]) {
 
 pub async fn seed_catalogue(app: &TestApp) {
     for (id, name) in [("coca-cola", "Coca-Cola"), ("adidas", "Adidas")] {
-        let r = app.post_json("/api/sponsors", serde_json::json!({"id": id, "name": name})).await;
+        let r = app
+            .post_json("/api/sponsors", serde_json::json!({"id": id, "name": name}))
+            .await;
         assert_eq!(r.status(), 201);
     }
     for (s, body) in [
         ("coca-cola", serde_json::json!({"video_id": "cc-1"})),
         ("coca-cola", serde_json::json!({"video_id": "cc-2"})),
-        ("coca-cola", serde_json::json!({"filename_pattern": "sponsor_coca_cola_*"})),
+        (
+            "coca-cola",
+            serde_json::json!({"filename_pattern": "sponsor_coca_cola_*"}),
+        ),
         ("adidas", serde_json::json!({"video_id": "ad-1"})),
         ("adidas", serde_json::json!({"filename_pattern": "sponsor_adidas_*"})),
     ] {
@@ -294,7 +299,11 @@ pub struct Filter<'a> {
 impl Filter<'_> {
     pub fn query(&self) -> String {
         let mut q = format!("from={}&to={}", self.from, self.to);
-        for (k, v) in [("site_id", self.site_id), ("event_type", self.event_type), ("period", self.period)] {
+        for (k, v) in [
+            ("site_id", self.site_id),
+            ("event_type", self.event_type),
+            ("period", self.period),
+        ] {
             if let Some(v) = v {
                 q.push_str(&format!("&{k}={v}"));
             }
@@ -345,24 +354,56 @@ fn check_fig(ctx: &str, v: &Value, a: &Agg) {
     assert_eq!(v["impressions"].as_i64().unwrap(), a.impressions, "{ctx} impressions");
     assert_eq!(v["completed"].as_i64().unwrap(), a.completed, "{ctx} completed");
     assert_eq!(v["audience"].as_i64().unwrap(), a.audience, "{ctx} audience");
-    assert!(close(v["screen_time_seconds"].as_f64().unwrap(), a.seconds), "{ctx} seconds {v} vs {a:?}");
+    assert!(
+        close(v["screen_time_seconds"].as_f64().unwrap(), a.seconds),
+        "{ctx} seconds {v} vs {a:?}"
+    );
 }
 
 /// Asserts that the API's stats document equals the independent figures.
 pub fn assert_stats(ctx: &str, s: &Value, e: &Expected, f: &Filter<'_>) {
-    assert_eq!(s["total_impressions"].as_i64().unwrap(), e.total.impressions, "{ctx}: total_impressions");
+    assert_eq!(
+        s["total_impressions"].as_i64().unwrap(),
+        e.total.impressions,
+        "{ctx}: total_impressions"
+    );
     assert_eq!(s["completed"].as_i64().unwrap(), e.total.completed, "{ctx}: completed");
-    assert_eq!(s["audience_reached"].as_i64().unwrap(), e.total.audience, "{ctx}: audience");
-    assert!(close(s["screen_time_seconds"].as_f64().unwrap(), e.total.seconds), "{ctx}: screen time");
-    let rate = if e.total.impressions == 0 { 0.0 } else { e.total.completed as f64 / e.total.impressions as f64 };
-    assert!((s["completion_rate"].as_f64().unwrap() - rate).abs() < 1e-5, "{ctx}: rate");
-    assert_eq!(s["sites_reached"].as_i64().unwrap(), e.by_site.len() as i64, "{ctx}: sites_reached");
-    for (key, list, map) in [("period", &s["by_period"], &e.by_period), ("event", &s["by_event_type"], &e.by_event)] {
+    assert_eq!(
+        s["audience_reached"].as_i64().unwrap(),
+        e.total.audience,
+        "{ctx}: audience"
+    );
+    assert!(
+        close(s["screen_time_seconds"].as_f64().unwrap(), e.total.seconds),
+        "{ctx}: screen time"
+    );
+    let rate = if e.total.impressions == 0 {
+        0.0
+    } else {
+        e.total.completed as f64 / e.total.impressions as f64
+    };
+    assert!(
+        (s["completion_rate"].as_f64().unwrap() - rate).abs() < 1e-5,
+        "{ctx}: rate"
+    );
+    assert_eq!(
+        s["sites_reached"].as_i64().unwrap(),
+        e.by_site.len() as i64,
+        "{ctx}: sites_reached"
+    );
+    for (key, list, map) in [
+        ("period", &s["by_period"], &e.by_period),
+        ("event", &s["by_event_type"], &e.by_event),
+    ] {
         let list = list.as_array().unwrap();
         assert_eq!(list.len(), 4, "{ctx}: {key} lists every value");
         for item in list {
             let k = item["key"].as_str().unwrap();
-            check_fig(&format!("{ctx} {key}={k}"), item, &map.get(k).cloned().unwrap_or_default());
+            check_fig(
+                &format!("{ctx} {key}={k}"),
+                item,
+                &map.get(k).cloned().unwrap_or_default(),
+            );
         }
     }
     let sites = s["by_site"].as_array().unwrap();
@@ -372,10 +413,18 @@ pub fn assert_stats(ctx: &str, s: &Value, e: &Expected, f: &Filter<'_>) {
         check_fig(&format!("{ctx} site={k}"), item, &e.by_site[k]);
     }
     let daily = s["daily"].as_array().unwrap();
-    assert_eq!(daily.len() as i64, (f.to - f.from).num_days() + 1, "{ctx}: one entry per day");
+    assert_eq!(
+        daily.len() as i64,
+        (f.to - f.from).num_days() + 1,
+        "{ctx}: one entry per day"
+    );
     for item in daily {
         let d: NaiveDate = item["day"].as_str().unwrap().parse().unwrap();
-        check_fig(&format!("{ctx} day={d}"), item, &e.by_day.get(&d).cloned().unwrap_or_default());
+        check_fig(
+            &format!("{ctx} day={d}"),
+            item,
+            &e.by_day.get(&d).cloned().unwrap_or_default(),
+        );
     }
     let videos = s["top_videos"].as_array().unwrap();
     assert_eq!(videos.len(), e.by_video.len().min(20), "{ctx}: top_videos length");
@@ -395,4 +444,3 @@ pub fn assert_stats(ctx: &str, s: &Value, e: &Expected, f: &Filter<'_>) {
 pub fn day(s: &str) -> NaiveDate {
     s.parse().unwrap()
 }
-
