@@ -2,6 +2,7 @@
 //! and the real Mosquitto on 127.0.0.1:1883 (unique topic prefix and client
 //! ids per test).
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -12,12 +13,18 @@ use uuid::Uuid;
 const ROWS: &str = "SELECT count(*) FROM sponsor_impressions";
 const DEAD: &str = "SELECT count(*) FROM impressions_rejected";
 
-#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
-async fn valid_batches_land_once_and_each_duplicate_publish_gets_a_receipt(pool: PgPool) {
+on_both_brokers!(
+    valid_batches_land_once_and_each_duplicate_publish_gets_a_receipt,
+    bad_payloads_are_dead_lettered_while_valid_traffic_flows,
+    postgres_connections_killed_mid_stream_every_impression_lands_once,
+    shutdown_drains_the_open_batch,
+);
+
+async fn valid_batches_land_once_and_each_duplicate_publish_gets_a_receipt(pool: PgPool, broker: String) {
     let topics = unique_topics();
     let cid = unique_client_id();
-    let app = start(settings(&pool, MOSQUITTO, &topics, &cid).await).await;
-    let mut edge = Edge::connect(MOSQUITTO, &topics).await;
+    let app = start(settings(&pool, &broker, &topics, &cid).await).await;
+    let mut edge = Edge::connect(&broker, &topics).await;
     let outbox = Uuid::now_v7();
 
     let a = envelope("club-1", outbox, 1, 50);
@@ -48,15 +55,14 @@ async fn valid_batches_land_once_and_each_duplicate_publish_gets_a_receipt(pool:
     assert_eq!(seen, 2, "sites' last_seen_at maintained");
 
     app.stop().await;
-    forget_session(MOSQUITTO, &cid).await;
+    forget_session(&broker, &cid).await;
 }
 
-#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
-async fn bad_payloads_are_dead_lettered_while_valid_traffic_flows(pool: PgPool) {
+async fn bad_payloads_are_dead_lettered_while_valid_traffic_flows(pool: PgPool, broker: String) {
     let topics = unique_topics();
     let cid = unique_client_id();
-    let app = start(settings(&pool, MOSQUITTO, &topics, &cid).await).await;
-    let mut edge = Edge::connect(MOSQUITTO, &topics).await;
+    let app = start(settings(&pool, &broker, &topics, &cid).await).await;
+    let mut edge = Edge::connect(&broker, &topics).await;
     let outbox = Uuid::now_v7();
 
     let before = envelope("club-1", outbox, 1, 10);
@@ -132,17 +138,16 @@ async fn bad_payloads_are_dead_lettered_while_valid_traffic_flows(pool: PgPool) 
     assert_rollup_matches(&pool).await;
 
     app.stop().await;
-    forget_session(MOSQUITTO, &cid).await;
+    forget_session(&broker, &cid).await;
 }
 
-#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
-async fn postgres_connections_killed_mid_stream_every_impression_lands_once(pool: PgPool) {
+async fn postgres_connections_killed_mid_stream_every_impression_lands_once(pool: PgPool, broker: String) {
     let topics = unique_topics();
     let cid = unique_client_id();
-    let mut s = settings(&pool, MOSQUITTO, &topics, &cid).await;
+    let mut s = settings(&pool, &broker, &topics, &cid).await;
     s.writers = 2;
     let app = start(s).await;
-    let mut edge = Edge::connect(MOSQUITTO, &topics).await;
+    let mut edge = Edge::connect(&broker, &topics).await;
     let db: String = sqlx::query_scalar("SELECT current_database()::text").fetch_one(&pool).await.unwrap();
 
     // Kill the ingestor's backends every 30 ms while 100 envelopes flow.
@@ -186,20 +191,19 @@ async fn postgres_connections_killed_mid_stream_every_impression_lands_once(pool
     assert_eq!(count(&pool, DEAD).await, 0, "a transient error never dead-letters");
 
     app.stop().await;
-    forget_session(MOSQUITTO, &cid).await;
+    forget_session(&broker, &cid).await;
 }
 
-#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
-async fn shutdown_drains_the_open_batch(pool: PgPool) {
+async fn shutdown_drains_the_open_batch(pool: PgPool, broker: String) {
     let topics = unique_topics();
     let cid = unique_client_id();
-    let mut s = settings(&pool, MOSQUITTO, &topics, &cid).await;
+    let mut s = settings(&pool, &broker, &topics, &cid).await;
     // Batches would only seal after a minute: the drain has to commit them.
     s.batch_max_age_ms = 60_000;
     s.batch_max_messages = 1_000;
     s.seal_when_idle = false;
     let app = start(s).await;
-    let mut edge = Edge::connect(MOSQUITTO, &topics).await;
+    let mut edge = Edge::connect(&broker, &topics).await;
     let mut ids = Vec::new();
     for k in 0..5i64 {
         let env = envelope("club-1", Uuid::now_v7(), 1 + k * 10, 10);
@@ -220,11 +224,11 @@ async fn shutdown_drains_the_open_batch(pool: PgPool) {
     assert_rollup_matches(&pool).await;
 
     // Acked: a new session under the same client id gets nothing redelivered.
-    let mut s = settings(&pool, MOSQUITTO, &topics, &cid).await;
+    let mut s = settings(&pool, &broker, &topics, &cid).await;
     s.batch_max_age_ms = 10;
     let again = start(s).await;
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     assert_eq!(again.health.received.load(std::sync::atomic::Ordering::Relaxed), 0);
     again.stop().await;
-    forget_session(MOSQUITTO, &cid).await;
+    forget_session(&broker, &cid).await;
 }

@@ -19,6 +19,33 @@ use uuid::Uuid;
 
 pub const MOSQUITTO: &str = "mqtt://127.0.0.1:1883";
 
+/// The embedded rumqttd of this test process (started once: it cannot be
+/// stopped; tests share it with their own topic prefixes and client ids).
+pub fn embedded_broker_url() -> String {
+    static BROKER: std::sync::OnceLock<broker::EmbeddedBroker> = std::sync::OnceLock::new();
+    BROKER
+        .get_or_init(|| broker::EmbeddedBroker::start_for_tests().expect("embedded broker starts"))
+        .url()
+}
+
+/// Generates `<case>::mosquitto` and `<case>::embedded` tests from
+/// `async fn <case>(pool: PgPool, broker: String)`.
+#[allow(unused_macros)]
+macro_rules! on_both_brokers {
+    ($($case:ident),+ $(,)?) => {$(
+        mod $case {
+            #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+            async fn mosquitto(pool: sqlx::PgPool) {
+                super::$case(pool, $crate::common::MOSQUITTO.to_owned()).await
+            }
+            #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+            async fn embedded(pool: sqlx::PgPool) {
+                super::$case(pool, $crate::common::embedded_broker_url()).await
+            }
+        }
+    )+};
+}
+
 /// URL of the database `pool` is connected to (the `#[sqlx::test]` one).
 pub async fn db_url(pool: &PgPool) -> String {
     let name: String = sqlx::query_scalar("SELECT current_database()::text")
@@ -257,6 +284,35 @@ impl Drop for Edge {
     }
 }
 
+/// Creates the persistent session (with its subscription) of `client_id`, as
+/// a long-running ingestor has: messages published from now on are queued
+/// for it even while no process is connected.
+pub async fn ensure_session(broker: &str, client_id: &str, topics: &Topics) {
+    let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+    let mut o = runtime::mqtt::ClientOptions::new(client_id);
+    o.clean_session = false;
+    o.manual_acks = true;
+    let (client, mut el) = AsyncClient::new(url.options(&o).unwrap(), 10);
+    client
+        .subscribe(topics.all_sites(TopicKind::Impressions), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                    let _ = client.disconnect().await;
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {}
+                Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("session created");
+}
+
 /// Removes the persistent session a test created on the shared broker.
 pub async fn forget_session(broker: &str, client_id: &str) {
     let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
@@ -282,4 +338,12 @@ pub async fn assert_rollup_matches(pool: &PgPool) {
     let rows = count(pool, "SELECT count(*) FROM sponsor_impressions").await;
     let rollup = count(pool, "SELECT coalesce(sum(impressions), 0)::int8 FROM sponsor_daily_stats").await;
     assert_eq!(rollup, rows, "sponsor_daily_stats must count every row exactly once");
+}
+
+/// Ends the backends a killed child process left behind on the test
+/// database, so that `#[sqlx::test]` can drop it.
+pub async fn end_foreign_backends(pool: &PgPool) {
+    let sql = "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
+               WHERE datname = current_database() AND application_name = 'neopro' AND pid <> pg_backend_pid()";
+    wait_until(|| async { count(pool, sql).await == 0 }).await;
 }
