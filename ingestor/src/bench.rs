@@ -37,7 +37,7 @@ use crate::Settings;
 /// Benchmark options (the ingestor's own batching flags apply too).
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Broker: `embedded` (in-process, once the broker crate provides it) or a URL.
+    /// Broker: `embedded` (rumqttd in-process, ephemeral port) or a URL.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
     /// Impressions to publish.
@@ -125,8 +125,13 @@ async fn recreate_database(url: &str, db: &str) -> anyhow::Result<()> {
 pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> {
     runtime::tls::install_crypto_provider();
     anyhow::ensure!(args.per_message >= 1 && args.sites >= 1, "per_message and sites must be >= 1");
+    // The embedded broker lives until the process exits (rumqttd cannot stop).
+    let mut _embedded = None;
     let broker: runtime::mqtt::MqttUrl = if args.broker == "embedded" {
-        anyhow::bail!("--broker embedded: the embedded broker is not available in this build yet; use a URL")
+        let b = broker::EmbeddedBroker::start_for_tests()?;
+        let url = b.url().parse().map_err(anyhow::Error::msg)?;
+        _embedded = Some(b);
+        url
     } else {
         args.broker.parse().map_err(anyhow::Error::msg)?
     };
