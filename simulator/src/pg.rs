@@ -48,6 +48,7 @@ pub async fn recreate_database(url: &str) -> anyhow::Result<()> {
     let mut admin = opts
         .clone()
         .database("postgres")
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(30))
         .connect()
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))?;
