@@ -344,8 +344,11 @@ x AS (
     UNION ALL
     SELECT d.period, d.event_type, d.impressions, d.seconds_played, d.completed_count, d.audience_sum
     FROM v JOIN analytics_video_daily d
-      ON d.video_filename = v.video_filename AND d.video_id = v.video_id
-     AND ((d.day >= $5 AND d.day < $3) OR (d.day >= $4 AND d.day <= $6))
+      ON d.video_filename = v.video_filename AND d.video_id = v.video_id AND d.day >= $5 AND d.day < $3
+    UNION ALL
+    SELECT d.period, d.event_type, d.impressions, d.seconds_played, d.completed_count, d.audience_sum
+    FROM v JOIN analytics_video_daily d
+      ON d.video_filename = v.video_filename AND d.video_id = v.video_id AND d.day >= $4 AND d.day <= $6
 )
 SELECT GROUPING(period)::int4, period, event_type,
        sum(impressions)::int8, sum(seconds_played)::float8, sum(completed_count)::int8, sum(audience_sum)::int8
@@ -358,24 +361,32 @@ x AS (
     FROM v JOIN analytics_site_video_monthly m
       ON m.video_filename = v.video_filename AND m.video_id = v.video_id AND m.month >= $3 AND m.month < $4
     UNION ALL
+    {EDGE_LO}
+    UNION ALL
+    {EDGE_HI}
+),
+agg AS (
+    SELECT site_id, sum(impressions)::int8 AS n, sum(seconds_played)::float8 AS secs,
+           sum(completed_count)::int8 AS comp, sum(audience_sum)::int8 AS aud
+    FROM x GROUP BY site_id HAVING sum(impressions) > 0
+)
+SELECT agg.site_id, si.name, agg.n, agg.secs, agg.comp, agg.aud
+FROM agg LEFT JOIN sites si ON si.site_id = agg.site_id
+ORDER BY 3 DESC, 1";
+
+/// One edge of the by-site query: per video (lateral), a single day range so
+/// the (video_filename, day) index of sponsor_daily_stats reads only the
+/// sponsor's rows (an OR of two ranges made the planner scan the day index).
+const SITES_EDGE_SQL: &str = "
     SELECT s.site_id, s.impressions, s.seconds_played, s.completed_count, s.audience_sum
     FROM v CROSS JOIN LATERAL (
-        -- Per video, so the (video_filename, day) index reads only the
-        -- sponsor's rows of the edge days.
         SELECT s.* FROM sponsor_daily_stats s
         WHERE s.video_filename = v.video_filename AND s.video_id = v.video_id
-          AND ((s.day >= $5 AND s.day < $3) OR (s.day >= $4 AND s.day <= $6))
+          AND s.day >= {LO} AND s.day {HI_OP} {HI}
           AND ($7::text IS NULL OR s.period = $7)
           AND ($8::text IS NULL OR s.event_type = $8)
           {SITE}
-    ) s
-)
-SELECT x.site_id, si.name, sum(x.impressions)::int8, sum(x.seconds_played)::float8,
-       sum(x.completed_count)::int8, sum(x.audience_sum)::int8
-FROM x LEFT JOIN sites si ON si.site_id = x.site_id
-GROUP BY x.site_id, si.name
-HAVING sum(x.impressions) > 0
-ORDER BY 3 DESC, 1";
+    ) s";
 
 /// Splits [from, to] into whole months [mf, mt) served by the monthly rollup
 /// and the day edges around them. Without a whole month, mf = mt = to + 1 so
@@ -413,14 +424,21 @@ pub async fn compute(pool: &PgPool, cache: &AttributionCache, sponsor_id: &str, 
     };
     // With a site filter, the condition is written out so the planner reads
     // sponsor_daily_stats by its (site_id, day) index.
-    let sites_sql = SITES_SQL.replace(
-        "{SITE}",
-        if q.site_id.is_some() {
-            "AND s.site_id = $9"
-        } else {
-            "AND $9::text IS NULL"
-        },
-    );
+    let site_cond = if q.site_id.is_some() {
+        "AND s.site_id = $9"
+    } else {
+        "AND $9::text IS NULL"
+    };
+    let edge = |lo: &str, op: &str, hi: &str| {
+        SITES_EDGE_SQL
+            .replace("{LO}", lo)
+            .replace("{HI_OP}", op)
+            .replace("{HI}", hi)
+            .replace("{SITE}", site_cond)
+    };
+    let sites_sql = SITES_SQL
+        .replace("{EDGE_LO}", &edge("$5", "<", "$3"))
+        .replace("{EDGE_HI}", &edge("$4", "<=", "$6"));
     let sites_q = sqlx::query_as::<_, (String, Option<String>, i64, f64, i64, i64)>(&sites_sql)
         .bind(&att.filenames)
         .bind(&att.video_ids)
