@@ -145,7 +145,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     );
     let e2e_rate = (n * m) as f64 / e2e_elapsed.as_secs_f64();
     println!(
-        "e2e: {} rows committed and confirmed in {:.2}s = {:.0} rows/s (the {n} sessions connected within the first {:.2}s)",
+        "e2e: {} rows committed and confirmed in {:.2}s = {:.0} rows/s (clock started with the {n} boxes, their MQTT connects inside it; boxes started in {:.2}s)",
         n * m,
         e2e_elapsed.as_secs_f64(),
         e2e_rate,

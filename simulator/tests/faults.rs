@@ -9,9 +9,16 @@ static BUILD: Once = Once::new();
 
 /// The scenarios kill real `neopro-edge` / `neopro-ingestor` / `neopro-broker`
 /// processes: make sure this profile has them (`cargo test -p simulator`
-/// alone does not build other packages' binaries).
+/// alone does not build other packages' binaries; build them when missing).
 fn ensure_binaries() {
     BUILD.call_once(|| {
+        // `cargo test --workspace` (CI) has built them already; building again
+        // with another package selection would rebuild dependencies with other
+        // features, so only build what is missing.
+        let dir = faults::bin_dir();
+        if ["neopro-edge", "neopro-ingestor", "neopro-broker"].iter().all(|b| dir.join(b).exists()) {
+            return;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut c = std::process::Command::new(cargo);
         c.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
