@@ -53,7 +53,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let m = args.plays_per_site;
     let broker_name = match &f.broker {
         BrokerChoice::Embedded => "embedded".to_owned(),
-        BrokerChoice::Url(u) => u.parse::<runtime::mqtt::MqttUrl>().map(|u| u.to_string()).unwrap_or_default(),
+        BrokerChoice::Url(u) => u
+            .parse::<runtime::mqtt::MqttUrl>()
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
     };
     println!(
         "bench: sites={n} plays_per_site={m} rows={} broker={broker_name} batch_delay_ms={} batch_max_impressions={} nofile={nofile}",
@@ -112,7 +115,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     for r in fills {
         r.context("filling an outbox")?;
     }
-    anyhow::ensure!(fleet::unconfirmed_total(&edges) == (n * m) as u64, "outboxes hold fewer plays than generated");
+    anyhow::ensure!(
+        fleet::unconfirmed_total(&edges) == (n * m) as u64,
+        "outboxes hold fewer plays than generated"
+    );
     println!(
         "fill: {} plays into {n} outboxes in {:.1}s (not timed)",
         n * m,
@@ -238,7 +244,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let _ = ingestor.stop().await;
 
     // 4. Exactly once.
-    let rec = pg::reconcile(&pool, sites.iter().flat_map(|s| s.plays.iter()).chain(steady_plays.iter())).await?;
+    let rec = pg::reconcile(
+        &pool,
+        sites.iter().flat_map(|s| s.plays.iter()).chain(steady_plays.iter()),
+    )
+    .await?;
     println!(
         "check: played={} stored={} duplicates={} missing={} unexpected={} mismatched={} rejected={} rollup={} outboxes_unconfirmed={}",
         rec.played,

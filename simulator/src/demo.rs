@@ -42,7 +42,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         pg::redact(&db_url),
         match &f.broker {
             BrokerChoice::Embedded => "embedded".to_owned(),
-            BrokerChoice::Url(u) => u.parse::<runtime::mqtt::MqttUrl>().map(|u| u.to_string()).unwrap_or_default(),
+            BrokerChoice::Url(u) => u
+                .parse::<runtime::mqtt::MqttUrl>()
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
         }
     );
     fleet::raise_fd_limit();
@@ -95,7 +98,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let confirmed_bar = bar("confirmed (outboxes emptied)");
 
     // Feed: one chunk per box per round, rounds spread over feed_secs.
-    let rounds = sites.iter().map(|s| s.plays.len().div_ceil(FEED_CHUNK)).max().unwrap_or(0);
+    let rounds = sites
+        .iter()
+        .map(|s| s.plays.len().div_ceil(FEED_CHUNK))
+        .max()
+        .unwrap_or(0);
     let pause = Duration::from_secs_f64(args.feed_secs.max(0.0) / rounds.max(1) as f64);
     let mut appended = 0u64;
     let mut last_poll = Instant::now();
@@ -107,20 +114,43 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             }
             let n = chunk.len() as u64;
             let out = e.outbox.append(chunk).await.context("appending plays to a box")?;
-            anyhow::ensure!(out.inserted == n, "box {} stored {} of {n} plays", s.site_id, out.inserted);
+            anyhow::ensure!(
+                out.inserted == n,
+                "box {} stored {} of {n} plays",
+                s.site_id,
+                out.inserted
+            );
             appended += n;
         }
         played_bar.set_position(appended);
         if last_poll.elapsed() > Duration::from_millis(250) {
             last_poll = Instant::now();
-            progress(&pool, &site_ids, before, appended, &edges, &committed_bar, &confirmed_bar).await;
+            progress(
+                &pool,
+                &site_ids,
+                before,
+                appended,
+                &edges,
+                &committed_bar,
+                &confirmed_bar,
+            )
+            .await;
         }
         tokio::time::sleep(pause).await;
     }
     played_bar.finish();
 
     let complete = fleet::wait_until(Duration::from_secs(args.timeout_secs), || async {
-        let (committed, unconfirmed) = progress(&pool, &site_ids, before, appended, &edges, &committed_bar, &confirmed_bar).await;
+        let (committed, unconfirmed) = progress(
+            &pool,
+            &site_ids,
+            before,
+            appended,
+            &edges,
+            &committed_bar,
+            &confirmed_bar,
+        )
+        .await;
         // Every receipt back (outboxes empty) is the pipeline's own proof;
         // the row count is checked too unless the database is reused.
         Ok(appended == total && unconfirmed == 0 && (f.keep_database || committed >= total))
@@ -162,7 +192,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         println!("OK: every played impression is in PostgreSQL exactly once, every outbox is empty.");
     } else {
         if !complete {
-            println!("TIMEOUT after {} s waiting for the pipeline to settle.", args.timeout_secs);
+            println!(
+                "TIMEOUT after {} s waiting for the pipeline to settle.",
+                args.timeout_secs
+            );
         }
         println!("MISMATCH:\n{}", rec.diff(20));
     }

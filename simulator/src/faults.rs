@@ -323,9 +323,11 @@ pub async fn run(fault: Fault, server_url: &str, scale: &Scale) -> anyhow::Resul
     let result = run_in(fault, &db_url, scale).await;
     // Drop the scenario's database (best effort), whatever happened.
     if let Ok(mut admin) = admin_connection(&pg::with_database(server_url, "postgres")?).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"neopro_fault_{run_id}\" WITH (FORCE)"))
-            .execute(&mut admin)
-            .await;
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"neopro_fault_{run_id}\" WITH (FORCE)"
+        ))
+        .execute(&mut admin)
+        .await;
     }
     result
 }
@@ -409,7 +411,12 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
     let mut ingestor_inproc = None;
     let ingestor_settings = fleet::ingestor_settings(db_url, &mqtt, prefix, "ingestor");
     if fault == Fault::IngestorKill9 {
-        let mut p = Proc::new("neopro-ingestor", ingestor_args, vec![], dir.path().join("ingestor.log"));
+        let mut p = Proc::new(
+            "neopro-ingestor",
+            ingestor_args,
+            vec![],
+            dir.path().join("ingestor.log"),
+        );
         p.spawn()?;
         ingestor_proc = Some(p);
     } else {
@@ -437,8 +444,14 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
         if fault == Fault::EdgeKill9 {
             let http = free_port()?;
             let envs = vec![
-                ("NEOPRO_EDGE__BATCH_DELAY_MS".to_owned(), tuning.batch_delay_ms.to_string()),
-                ("NEOPRO_EDGE__RECEIPT_TIMEOUT_MS".to_owned(), tuning.receipt_timeout_ms.to_string()),
+                (
+                    "NEOPRO_EDGE__BATCH_DELAY_MS".to_owned(),
+                    tuning.batch_delay_ms.to_string(),
+                ),
+                (
+                    "NEOPRO_EDGE__RECEIPT_TIMEOUT_MS".to_owned(),
+                    tuning.receipt_timeout_ms.to_string(),
+                ),
             ];
             let mut p = Proc::new(
                 "neopro-edge",
@@ -458,7 +471,9 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
             );
             p.spawn()?;
             wait_port(http, Duration::from_secs(20)).await?;
-            targets.push(Target::Http(format!("http://127.0.0.1:{http}/api/sync/sponsor-impressions")));
+            targets.push(Target::Http(format!(
+                "http://127.0.0.1:{http}/api/sync/sponsor-impressions"
+            )));
             child_edges.push(ChildEdge { proc: p, http });
         } else {
             let mut e = Edge::open(&s.site_id, dir.path().join(&s.site_id), &mqtt, prefix, &tuning).await?;
@@ -562,7 +577,12 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
                         .collect();
                     let env = schema::BatchEnvelope::new(&site.site_id, foreign, imps, Utc::now());
                     client
-                        .publish(topics.impressions(&site.site_id), rumqttc::QoS::AtLeastOnce, false, env.encode())
+                        .publish(
+                            topics.impressions(&site.site_id),
+                            rumqttc::QoS::AtLeastOnce,
+                            false,
+                            env.encode(),
+                        )
                         .await?;
                 }
             }

@@ -89,6 +89,7 @@ pub async fn run(args: FeedArgs) -> anyhow::Result<bool> {
 
 /// Stable per-site variation of the seed (FNV-1a of the site id).
 fn seed_of(s: &str) -> u64 {
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

@@ -54,7 +54,11 @@ impl std::fmt::Debug for Broker {
 }
 
 /// Starts (embedded) or names (URL) the broker for topic prefix `prefix`.
-pub fn start_broker(choice: &BrokerChoice, prefix: &str, tune: impl FnOnce(&mut broker::BrokerSettings)) -> anyhow::Result<Broker> {
+pub fn start_broker(
+    choice: &BrokerChoice,
+    prefix: &str,
+    tune: impl FnOnce(&mut broker::BrokerSettings),
+) -> anyhow::Result<Broker> {
     match choice {
         BrokerChoice::Embedded => {
             let mut s = broker::BrokerSettings::for_tests();

@@ -77,12 +77,14 @@ pub fn redact(url: &str) -> String {
 pub async fn insert_catalogue(pool: &PgPool, catalogue: &Catalogue, sites: &[SitePlays]) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     for s in &catalogue.sponsors {
-        sqlx::query("INSERT INTO sponsors (id, name) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name")
-            .bind(s.id)
-            .bind(s.name)
-            .execute(&mut *tx)
-            .await
-            .context("inserting sponsors")?;
+        sqlx::query(
+            "INSERT INTO sponsors (id, name) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
+        )
+        .bind(s.id)
+        .bind(s.name)
+        .execute(&mut *tx)
+        .await
+        .context("inserting sponsors")?;
         sqlx::query(
             "INSERT INTO videos (sponsor_id, filename_pattern, title) VALUES ($1, $2, $3)
              ON CONFLICT (filename_pattern) DO NOTHING",
@@ -136,7 +138,9 @@ pub async fn copy_baseline(pool: &PgPool, rows: &[&Impression], chunk: usize) ->
     for part in rows.chunks(chunk.max(1)) {
         let buf = encode_binary_copy(part, batch_id);
         let mut copy = conn
-            .copy_in_raw(&format!("COPY sponsor_impressions ({COPY_COLUMNS}) FROM STDIN (FORMAT binary)"))
+            .copy_in_raw(&format!(
+                "COPY sponsor_impressions ({COPY_COLUMNS}) FROM STDIN (FORMAT binary)"
+            ))
             .await
             .context("starting COPY")?;
         copy.send(buf).await.context("sending COPY data")?;
@@ -489,20 +493,23 @@ pub async fn reconcile<'a>(
         .bind(&sites)
         .fetch_one(pool)
         .await?;
-    rec.rollup_impressions =
-        sqlx::query_scalar("SELECT coalesce(sum(impressions), 0)::bigint FROM sponsor_daily_stats WHERE site_id = ANY($1)")
-            .bind(&sites)
-            .fetch_one(pool)
-            .await?;
+    rec.rollup_impressions = sqlx::query_scalar(
+        "SELECT coalesce(sum(impressions), 0)::bigint FROM sponsor_daily_stats WHERE site_id = ANY($1)",
+    )
+    .bind(&sites)
+    .fetch_one(pool)
+    .await?;
     Ok(rec)
 }
 
 /// Rows of `sites` committed so far (fast count for progress polling).
 pub async fn committed_count(pool: &PgPool, sites: &[String]) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM sponsor_impressions WHERE site_id = ANY($1)")
-        .bind(sites)
-        .fetch_one(pool)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM sponsor_impressions WHERE site_id = ANY($1)")
+            .bind(sites)
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 /// Rows committed so far in the whole table (cheapest count for progress).

@@ -118,7 +118,8 @@ pub fn generate_site(spec: &FleetSpec, catalogue: &Catalogue, index: usize) -> S
         match_prob: rng.random_range(0.35..0.8),
         trains: rng.random_bool(0.85),
     };
-    let weights = WeightedIndex::new(catalogue.videos.iter().map(|v| v.weight)).expect("catalogue weights are positive");
+    let weights =
+        WeightedIndex::new(catalogue.videos.iter().map(|v| v.weight)).expect("catalogue weights are positive");
 
     let mut days: Vec<Vec<Play>> = Vec::new();
     let mut total = 0usize;
@@ -202,7 +203,8 @@ fn day_plays(
     let cap = f64::from(p.capacity);
     let mut blocks = Vec::new();
     let weekend = matches!(day.weekday(), Weekday::Sat | Weekday::Sun);
-    let is_match = (weekend && rng.random_bool(p.match_prob)) || (day.weekday() == Weekday::Wed && rng.random_bool(0.15));
+    let is_match =
+        (weekend && rng.random_bool(p.match_prob)) || (day.weekday() == Weekday::Wed && rng.random_bool(0.15));
     if is_match {
         let event = if day.weekday() == Weekday::Sun && rng.random_bool(0.08) {
             EventType::Tournament
@@ -290,11 +292,7 @@ fn day_plays(
                 completed,
                 event_type: b.event_type,
                 period: b.period,
-                trigger_type: if manual {
-                    TriggerType::Manual
-                } else {
-                    TriggerType::Auto
-                },
+                trigger_type: if manual { TriggerType::Manual } else { TriggerType::Auto },
                 audience,
             });
             let gap_ms = rng.random_range(300..2_000);

@@ -40,7 +40,10 @@ fn workspace_binaries() -> BTreeMap<String, String> {
     for p in v["packages"].as_array().unwrap() {
         for t in p["targets"].as_array().unwrap() {
             if t["kind"].as_array().unwrap().iter().any(|k| k == "bin") {
-                bins.insert(t["name"].as_str().unwrap().to_owned(), p["name"].as_str().unwrap().to_owned());
+                bins.insert(
+                    t["name"].as_str().unwrap().to_owned(),
+                    p["name"].as_str().unwrap().to_owned(),
+                );
             }
         }
     }
@@ -109,7 +112,13 @@ fn env_names(help: &str) -> BTreeSet<String> {
 fn default_ports(help: &str) -> BTreeSet<u16> {
     help.split("0.0.0.0:")
         .skip(1)
-        .filter_map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok())
+        .filter_map(|s| {
+            s.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -250,14 +259,25 @@ fn listen_port(v: &str) -> Option<u16> {
 fn compose_matches_the_binaries() {
     let services = load();
     let bins = workspace_binaries();
-    for required in ["neopro-broker", "neopro-ingestor", "neopro-edge", "neopro-analytics", "neopro-sim"] {
-        assert!(bins.contains_key(required), "the workspace builds no {required}: {bins:?}");
+    for required in [
+        "neopro-broker",
+        "neopro-ingestor",
+        "neopro-edge",
+        "neopro-analytics",
+        "neopro-sim",
+    ] {
+        assert!(
+            bins.contains_key(required),
+            "the workspace builds no {required}: {bins:?}"
+        );
     }
 
     // The services the issue asks for.
     assert_eq!(services["postgres"].image.as_deref(), Some("postgres:15"));
     fn runs<'a>(services: &'a BTreeMap<String, Service>, bin: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
-        services.values().filter(move |s| s.command.first().map(String::as_str) == Some(bin))
+        services
+            .values()
+            .filter(move |s| s.command.first().map(String::as_str) == Some(bin))
     }
     let runs = |bin: &'static str| runs(&services, bin);
     assert!(runs("neopro-broker").count() >= 1, "a neopro-broker service");
@@ -289,10 +309,19 @@ fn compose_matches_the_binaries() {
             for (k, v) in &s.env {
                 let documented = envs.contains(k)
                     || k == "RUST_LOG"
-                    || ["NEOPRO_INGESTOR__", "NEOPRO_EDGE__", "NEOPRO_BROKER__", "NEOPRO_ANALYTICS__"]
-                        .iter()
-                        .any(|p| k.starts_with(p));
-                assert!(documented, "{}: {bin} does not read {k} (its --help lists {envs:?})", s.name);
+                    || [
+                        "NEOPRO_INGESTOR__",
+                        "NEOPRO_EDGE__",
+                        "NEOPRO_BROKER__",
+                        "NEOPRO_ANALYTICS__",
+                    ]
+                    .iter()
+                    .any(|p| k.starts_with(p));
+                assert!(
+                    documented,
+                    "{}: {bin} does not read {k} (its --help lists {envs:?})",
+                    s.name
+                );
                 if k.ends_with("_ADDR") || k.ends_with("_LISTEN") {
                     if let Some(p) = listen_port(v) {
                         ports.insert(p);
@@ -316,13 +345,23 @@ fn compose_matches_the_binaries() {
                 );
             }
             if let Some(sub) = sub {
-                assert!(h.contains(&format!("  {sub}")), "{}: {bin} has no subcommand '{sub}'", s.name);
+                assert!(
+                    h.contains(&format!("  {sub}")),
+                    "{}: {bin} has no subcommand '{sub}'",
+                    s.name
+                );
             }
             helps.insert(s.name.clone(), h);
         } else if s.built {
             // A shell step of ours: every neopro binary it calls must exist,
             // and every variable given to it must be used.
-            assert_eq!(s.command.first().map(String::as_str), Some("sh"), "{}: {:?}", s.name, s.command);
+            assert_eq!(
+                s.command.first().map(String::as_str),
+                Some("sh"),
+                "{}: {:?}",
+                s.name,
+                s.command
+            );
             let script = s.command.join(" ");
             let called: Vec<&str> = script
                 .split(|c: char| c.is_whitespace() || c == '|' || c == ';')
@@ -330,7 +369,11 @@ fn compose_matches_the_binaries() {
                 .collect();
             assert!(!called.is_empty(), "{}: calls no neopro binary", s.name);
             for b in &called {
-                assert!(bins.contains_key(*b), "{}: calls {b}, which the workspace does not build", s.name);
+                assert!(
+                    bins.contains_key(*b),
+                    "{}: calls {b}, which the workspace does not build",
+                    s.name
+                );
             }
             for k in s.env.keys() {
                 assert!(script.contains(&format!("${k}")), "{}: {k} is set but not used", s.name);
@@ -338,7 +381,10 @@ fn compose_matches_the_binaries() {
             let broker_help = help("neopro-broker", &bins["neopro-broker"], None);
             for sub in ["passwd", "mosquitto-config"] {
                 if script.contains(&format!("neopro-broker {sub}")) {
-                    assert!(broker_help.contains(&format!("  {sub}")), "neopro-broker has no '{sub}'");
+                    assert!(
+                        broker_help.contains(&format!("  {sub}")),
+                        "neopro-broker has no '{sub}'"
+                    );
                 }
             }
         }
@@ -377,12 +423,21 @@ fn compose_matches_the_binaries() {
     assert!(dockerfile.contains("FROM debian:bookworm-slim"), "slim runtime stage");
     assert!(dockerfile.contains(" AS builder"), "multi-stage build");
     for s in services.values().filter(|s| s.built) {
-        for w in s.command.iter().flat_map(|c| c.split_whitespace()).filter(|w| w.starts_with("neopro-")) {
+        for w in s
+            .command
+            .iter()
+            .flat_map(|c| c.split_whitespace())
+            .filter(|w| w.starts_with("neopro-"))
+        {
             assert!(
                 dockerfile.contains(&format!("target/release/{w}")),
                 "the Dockerfile does not ship {w}"
             );
-            assert!(dockerfile.contains(&format!("-p {}", bins[w])), "the Dockerfile does not build {}", bins[w]);
+            assert!(
+                dockerfile.contains(&format!("-p {}", bins[w])),
+                "the Dockerfile does not build {}",
+                bins[w]
+            );
         }
     }
 }
@@ -394,7 +449,10 @@ fn interpolation_and_help_parsing() {
         env_names("  --x <X>  [env: DATABASE_URL=]\n --y [env: NEOPRO_HTTP_ADDR]"),
         BTreeSet::from(["DATABASE_URL".to_owned(), "NEOPRO_HTTP_ADDR".to_owned()])
     );
-    assert_eq!(default_ports("[default: 0.0.0.0:8080] (default 0.0.0.0:3000)"), BTreeSet::from([8080, 3000]));
+    assert_eq!(
+        default_ports("[default: 0.0.0.0:8080] (default 0.0.0.0:3000)"),
+        BTreeSet::from([8080, 3000])
+    );
     assert_eq!(listen_port("0.0.0.0:9883"), Some(9883));
     assert_eq!(listen_port("/var/lib/x"), None);
 }

@@ -16,13 +16,24 @@ fn ensure_binaries() {
         // with another package selection would rebuild dependencies with other
         // features, so only build what is missing.
         let dir = faults::bin_dir();
-        if ["neopro-edge", "neopro-ingestor", "neopro-broker"].iter().all(|b| dir.join(b).exists()) {
+        if ["neopro-edge", "neopro-ingestor", "neopro-broker"]
+            .iter()
+            .all(|b| dir.join(b).exists())
+        {
             return;
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut c = std::process::Command::new(cargo);
-        c.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args(["build", "-p", "edge-publisher", "-p", "ingestor", "-p", "broker", "--bins"]);
+        c.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).args([
+            "build",
+            "-p",
+            "edge-publisher",
+            "-p",
+            "ingestor",
+            "-p",
+            "broker",
+            "--bins",
+        ]);
         if faults::bin_dir().file_name().is_some_and(|n| n == "release") {
             c.arg("--release");
         }

@@ -87,8 +87,5 @@ fn database_url_rewrite() {
         pg::with_database("postgres://postgres@127.0.0.1:5432/postgres", "neopro_demo").unwrap(),
         "postgres://postgres@127.0.0.1:5432/neopro_demo"
     );
-    assert_eq!(
-        pg::redact("postgres://u:secret@h/db"),
-        "postgres://u:***@h/db"
-    );
+    assert_eq!(pg::redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
 }
