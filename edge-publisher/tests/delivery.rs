@@ -218,8 +218,7 @@ async fn kill_9_mid_stream_loses_no_acknowledged_impression_and_duplicates_none(
             let _ = edge.child.wait();
         }
     }
-    let p = peer.state.lock().unwrap();
-    let committed: HashSet<_> = p.committed.keys().copied().collect();
+    let committed: HashSet<_> = peer.state.lock().unwrap().committed.keys().copied().collect();
     let missing: Vec<_> = acked.difference(&committed).collect();
     assert!(
         missing.is_empty(),
@@ -227,7 +226,6 @@ async fn kill_9_mid_stream_loses_no_acknowledged_impression_and_duplicates_none(
         missing.len()
     );
     assert!(committed.is_subset(&sent), "nothing that was not sent");
-    drop(p);
     assert!(seqs_are_contiguous(&peer), "seqs 1..=n, each once, across the crash");
     forget_session(MOSQUITTO, &site).await;
 }

@@ -26,12 +26,14 @@ async fn seed_body_and_legacy_import_land_in_postgresql_exactly_once(pool: PgPoo
     init();
     let prefix = prefix();
     let ingestor_id = unique("ingestor-edge-e2e");
-    let mut is = ingestor::Settings::default();
-    is.database_url = db_url(&pool).await;
-    is.mqtt_url = MOSQUITTO.parse().unwrap();
-    is.http_addr = "127.0.0.1:0".parse().unwrap();
-    is.topic_prefix = prefix.clone();
-    is.client_id = ingestor_id.clone();
+    let is = ingestor::Settings {
+        database_url: db_url(&pool).await,
+        mqtt_url: MOSQUITTO.parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        topic_prefix: prefix.clone(),
+        client_id: ingestor_id.clone(),
+        ..Default::default()
+    };
     let ing = ingestor::App::build(is).await.unwrap();
     let health = ing.health();
     let ing_stop = tokio_util::sync::CancellationToken::new();
