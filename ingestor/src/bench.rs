@@ -26,7 +26,9 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
-use schema::{derive_impression_id, BatchEnvelope, EventType, Impression, Period, Receipt, TopicKind, Topics, TriggerType};
+use schema::{
+    derive_impression_id, BatchEnvelope, EventType, Impression, Period, Receipt, TopicKind, Topics, TriggerType,
+};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +54,10 @@ pub struct BenchArgs {
     /// Envelopes published but not yet confirmed by a receipt, at most.
     #[arg(long, default_value_t = 400)]
     pub window: usize,
+    /// Draw event type and period per play (worst case for the rollup)
+    /// instead of per stretch of plays, as venues do.
+    #[arg(long)]
+    pub random_context: bool,
     /// Name of the bench database (dropped and re-created).
     #[arg(long, default_value = "neopro_ingestor_bench")]
     pub bench_database: String,
@@ -73,7 +79,15 @@ fn videos() -> &'static [(&'static str, f64)] {
 }
 
 /// Deterministic realistic impressions, per site, in seq order.
-pub fn generate(n: usize, sites: usize, now: DateTime<Utc>) -> Vec<Vec<Impression>> {
+const EVENTS: [EventType; 4] = [
+    EventType::Match,
+    EventType::Training,
+    EventType::Tournament,
+    EventType::Other,
+];
+const PERIODS: [Period; 4] = [Period::PreMatch, Period::Halftime, Period::PostMatch, Period::Loop];
+
+pub fn generate(n: usize, sites: usize, now: DateTime<Utc>, random_context: bool) -> Vec<Vec<Impression>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let mut out: Vec<Vec<Impression>> = (0..sites).map(|_| Vec::with_capacity(n / sites + 1)).collect();
     let start = now - chrono::Duration::days(3);
@@ -84,7 +98,11 @@ pub fn generate(n: usize, sites: usize, now: DateTime<Utc>) -> Vec<Vec<Impressio
         let (file, len) = videos()[rng.random_range(0..videos().len())];
         let played_at = start + chrono::Duration::seconds(seq * 3 + s as i64);
         let completed = rng.random_bool(0.85);
-        let played = if completed { len } else { (len * rng.random_range(0.1..0.95) * 10.0).round() / 10.0 };
+        let played = if completed {
+            len
+        } else {
+            (len * rng.random_range(0.1..0.95) * 10.0).round() / 10.0
+        };
         out[s].push(Impression {
             impression_id: derive_impression_id(&site, file, played_at),
             site_id: site,
@@ -95,9 +113,24 @@ pub fn generate(n: usize, sites: usize, now: DateTime<Utc>) -> Vec<Vec<Impressio
             duration_played: played,
             video_duration: len,
             completed,
-            event_type: [EventType::Match, EventType::Training, EventType::Tournament, EventType::Other][rng.random_range(0..4)],
-            period: [Period::PreMatch, Period::Halftime, Period::PostMatch, Period::Loop][rng.random_range(0..4)],
-            trigger_type: if rng.random_bool(0.9) { TriggerType::Auto } else { TriggerType::Manual },
+            // A venue's context changes by stretches (the operator sets the
+            // event and the period), not per play; `random_context` draws
+            // them per play instead (worst case for the rollup: 4x4 more keys).
+            event_type: if random_context {
+                EVENTS[rng.random_range(0..4)]
+            } else {
+                EVENTS[((seq / 400) as usize + s) % 4]
+            },
+            period: if random_context {
+                PERIODS[rng.random_range(0..4)]
+            } else {
+                PERIODS[((seq / 50) as usize + s) % 4]
+            },
+            trigger_type: if rng.random_bool(0.9) {
+                TriggerType::Auto
+            } else {
+                TriggerType::Manual
+            },
             audience_estimate: Some(rng.random_range(20..2_000)),
         });
     }
@@ -116,7 +149,9 @@ async fn recreate_database(url: &str, db: &str) -> anyhow::Result<()> {
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
         .execute(&mut admin)
         .await?;
-    sqlx::query(&format!("CREATE DATABASE \"{db}\"")).execute(&mut admin).await?;
+    sqlx::query(&format!("CREATE DATABASE \"{db}\""))
+        .execute(&mut admin)
+        .await?;
     admin.close().await?;
     Ok(())
 }
@@ -124,7 +159,10 @@ async fn recreate_database(url: &str, db: &str) -> anyhow::Result<()> {
 /// Runs the benchmark and prints its figures.
 pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> {
     runtime::tls::install_crypto_provider();
-    anyhow::ensure!(args.per_message >= 1 && args.sites >= 1, "per_message and sites must be >= 1");
+    anyhow::ensure!(
+        args.per_message >= 1 && args.sites >= 1,
+        "per_message and sites must be >= 1"
+    );
     // The embedded broker lives until the process exits (rumqttd cannot stop).
     let mut _embedded = None;
     let broker: runtime::mqtt::MqttUrl = if args.broker == "embedded" {
@@ -138,7 +176,7 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
     let db_url = with_database(&settings.database_url, &args.bench_database)?;
     recreate_database(&settings.database_url, &args.bench_database).await?;
     let now = Utc::now();
-    let per_site = generate(args.impressions, args.sites, now);
+    let per_site = generate(args.impressions, args.sites, now, args.random_context);
 
     // Envelopes, round-robin over sites.
     let mut envelopes: Vec<(String, Uuid, Vec<u8>, usize)> = Vec::new();
@@ -231,7 +269,9 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
     while settled_rows < args.impressions {
         while next < envelopes.len() && outstanding.len() < args.window {
             let (topic, id, payload, n) = &envelopes[next];
-            client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
+            client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .await?;
             outstanding.insert(*id, (Instant::now(), *n));
             next += 1;
         }
@@ -249,19 +289,30 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
                 eprintln!("bench: no receipt for 30 s; resending {} envelopes", outstanding.len());
                 for (topic, id, payload, _) in envelopes[..next].iter() {
                     if outstanding.contains_key(id) {
-                        client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
+                        client
+                            .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                            .await?;
                     }
                 }
-                anyhow::ensure!(last_progress.elapsed() < Duration::from_secs(300), "no progress for 5 minutes");
+                anyhow::ensure!(
+                    last_progress.elapsed() < Duration::from_secs(300),
+                    "no progress for 5 minutes"
+                );
             }
         }
     }
     let ingest_s = t0.elapsed().as_secs_f64();
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sponsor_impressions").fetch_one(&pool).await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sponsor_impressions")
+        .fetch_one(&pool)
+        .await?;
     let rollup: Option<i64> = sqlx::query_scalar("SELECT sum(impressions)::int8 FROM sponsor_daily_stats")
         .fetch_one(&pool)
         .await?;
-    anyhow::ensure!(rows as usize == args.impressions, "expected {} rows, found {rows}", args.impressions);
+    anyhow::ensure!(
+        rows as usize == args.impressions,
+        "expected {} rows, found {rows}",
+        args.impressions
+    );
     anyhow::ensure!(rollup == Some(rows), "rollup {rollup:?} != rows {rows}");
     shutdown.cancel();
     let _ = app_task.await;
@@ -269,7 +320,9 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
 
     // Baseline: raw COPY of the same rows into the same (truncated) table.
     let mut conn = PgConnectOptions::from_str(&db_url)?.connect().await?;
-    sqlx::query("TRUNCATE sponsor_impressions, sponsor_daily_stats").execute(&mut conn).await?;
+    sqlx::query("TRUNCATE sponsor_impressions, sponsor_daily_stats")
+        .execute(&mut conn)
+        .await?;
     sqlx::query("CHECKPOINT").execute(&mut conn).await.ok();
     let batch = Uuid::now_v7();
     let t1 = Instant::now();

@@ -73,7 +73,13 @@ struct LooseHeader {
 }
 
 /// Decodes one message received on `topic`.
-pub fn decode_message(topics: &Topics, topic: &str, payload: &Bytes, max_envelope_bytes: usize, now: DateTime<Utc>) -> Decoded {
+pub fn decode_message(
+    topics: &Topics,
+    topic: &str,
+    payload: &Bytes,
+    max_envelope_bytes: usize,
+    now: DateTime<Utc>,
+) -> Decoded {
     let dead = |site: Option<&str>, batch_id, code: &str, reason: String| DeadLetter {
         source: Source::Mqtt,
         topic: Some(topic.to_owned()),
@@ -123,7 +129,7 @@ pub fn decode_message(topics: &Topics, topic: &str, payload: &Bytes, max_envelop
                 reason,
             },
             rows: Vec::new(),
-                n_rows: 0,
+            n_rows: 0,
         };
     }
     match decode_envelope(&site, payload, now) {
@@ -195,12 +201,13 @@ pub fn build_set(msgs: &mut [Decoded]) -> WriteSet {
             Kind::Envelope { batch_id, .. } => Some(*batch_id),
             _ => None,
         };
-        set.rows.extend(std::mem::take(&mut m.rows).into_iter().map(|imp| Row {
-            imp,
-            batch_id,
-            origin,
-        }));
-        set.dead.extend(m.dead.iter().map(|d| DeadLetter { origin, ..d.clone() }));
+        set.rows.extend(
+            std::mem::take(&mut m.rows)
+                .into_iter()
+                .map(|imp| Row { imp, batch_id, origin }),
+        );
+        set.dead
+            .extend(m.dead.iter().map(|d| DeadLetter { origin, ..d.clone() }));
         match &m.kind {
             Kind::Envelope { site, .. } | Kind::Refused { site, .. } => set.sites.push(site.clone()),
             Kind::Foreign => {}
@@ -212,7 +219,13 @@ pub fn build_set(msgs: &mut [Decoded]) -> WriteSet {
 }
 
 /// One receipt per answerable message: `(topic, receipt)`.
-pub fn receipts(topics: &Topics, msgs: &[Decoded], set: &WriteSet, out: &WriteOutcome, now: DateTime<Utc>) -> Vec<(String, Receipt)> {
+pub fn receipts(
+    topics: &Topics,
+    msgs: &[Decoded],
+    set: &WriteSet,
+    out: &WriteOutcome,
+    now: DateTime<Utc>,
+) -> Vec<(String, Receipt)> {
     let mut refused_by_db: std::collections::HashMap<usize, &str> = std::collections::HashMap::new();
     for (i, reason) in &out.refused {
         refused_by_db.insert(*i, reason.as_str());
@@ -327,7 +340,12 @@ mod tests {
     fn receipts_account_for_new_duplicate_and_refused_rows() {
         let topics = Topics::new("t").unwrap();
         let now = Utc::now();
-        let env = BatchEnvelope::new("s1", Uuid::now_v7(), vec![imp("s1", 1), imp("s1", 2), imp("s1", 3)], now);
+        let env = BatchEnvelope::new(
+            "s1",
+            Uuid::now_v7(),
+            vec![imp("s1", 1), imp("s1", 2), imp("s1", 3)],
+            now,
+        );
         let mut v = serde_json::to_value(&env).unwrap();
         v["impressions"][2]["period"] = serde_json::json!("half");
         let payload = Bytes::from(serde_json::to_vec(&v).unwrap());

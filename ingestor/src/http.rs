@@ -43,7 +43,13 @@ struct Ctx {
 }
 
 /// The service's router.
-pub fn router(pool: PgPool, health: Arc<Health>, body_limit: usize, mqtt_enabled: bool, method: store::InsertMethod) -> Router {
+pub fn router(
+    pool: PgPool,
+    health: Arc<Health>,
+    body_limit: usize,
+    mqtt_enabled: bool,
+    method: store::InsertMethod,
+) -> Router {
     let ctx = Ctx {
         pool,
         health,
@@ -68,7 +74,11 @@ async fn readyz(State(ctx): State<Ctx>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(json!({"ready": db && broker, "database": db, "broker": broker}))).into_response()
+    (
+        code,
+        Json(json!({"ready": db && broker, "database": db, "broker": broker})),
+    )
+        .into_response()
 }
 
 fn bad(code: StatusCode, field: &str, error: String) -> Response {
@@ -129,7 +139,9 @@ async fn impressions(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) ->
             seq: rec.and_then(|r| r.get("seq")).and_then(|v| v.as_i64()),
             reason_code: "invalid_impression".into(),
             reason,
-            payload: rec.map(|r| serde_json::to_vec(r).unwrap_or_default()).unwrap_or_default(),
+            payload: rec
+                .map(|r| serde_json::to_vec(r).unwrap_or_default())
+                .unwrap_or_default(),
             origin: idx,
         });
         rejected.push(json!({

@@ -128,7 +128,12 @@ impl App {
             let _ = http.await;
             return Ok(());
         }
-        let maintenance = tokio::spawn(maintenance(pool.clone(), settings.clone(), health.clone(), shutdown.clone()));
+        let maintenance = tokio::spawn(maintenance(
+            pool.clone(),
+            settings.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
 
         let result = if settings.mqtt_enabled {
             pipeline::run(settings.clone(), pool.clone(), health.clone(), shutdown.clone()).await

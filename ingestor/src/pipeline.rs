@@ -88,7 +88,12 @@ struct OpenBatch {
 /// Runs the MQTT pipeline until `shutdown`, then drains: the open batch is
 /// committed, its receipts published and its messages acked, within
 /// `settings.drain_deadline`.
-pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Arc<Settings>,
+    pool: PgPool,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let topics = Topics::new(settings.topic_prefix.clone()).map_err(anyhow::Error::msg)?;
     let mut copts = runtime::mqtt::ClientOptions::new(settings.client_id.clone());
     copts.clean_session = false;
@@ -99,7 +104,10 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
     // Accept messages larger than any valid envelope, so an oversized one is
     // dead-lettered instead of breaking the connection (and, redelivered,
     // wedging the persistent session).
-    opts.set_max_packet_size(settings.max_incoming_packet_bytes, schema::mqtt::MAX_PACKET_BYTES + 1024);
+    opts.set_max_packet_size(
+        settings.max_incoming_packet_bytes,
+        schema::mqtt::MAX_PACKET_BYTES + 1024,
+    );
     let (client, eventloop) = AsyncClient::new(opts, copts.request_channel_capacity);
     let filter = topics.all_sites(TopicKind::Impressions);
     tracing::info!(broker = %settings.mqtt_url, client_id = %settings.client_id, %filter, "MQTT pipeline starting");
@@ -250,7 +258,10 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
 
         // Receipts first (they follow the commit), then acks in arrival order.
         while let Some((topic, payload)) = receipts_out.front() {
-            if client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_err() {
+            if client
+                .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .is_err()
+            {
                 // Request channel full: retried on the next turn.
                 break;
             }
@@ -275,7 +286,13 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
             pending.pop_front();
         }
 
-        if draining && !disconnect_sent && open.is_none() && in_flight == 0 && pending.iter().all(|p| p.generation != generation) && receipts_out.is_empty() {
+        if draining
+            && !disconnect_sent
+            && open.is_none()
+            && in_flight == 0
+            && pending.iter().all(|p| p.generation != generation)
+            && receipts_out.is_empty()
+        {
             tracing::info!("drained; disconnecting");
             if client.try_disconnect().is_ok() {
                 disconnect_sent = true;
@@ -287,7 +304,14 @@ pub async fn run(settings: Arc<Settings>, pool: PgPool, health: Arc<Health>, shu
     }
 }
 
-fn spawn_batch(settings: &Arc<Settings>, topics: &Topics, pool: &PgPool, health: &Arc<Health>, b: OpenBatch, done: mpsc::UnboundedSender<Done>) {
+fn spawn_batch(
+    settings: &Arc<Settings>,
+    topics: &Topics,
+    pool: &PgPool,
+    health: &Arc<Health>,
+    b: OpenBatch,
+    done: mpsc::UnboundedSender<Done>,
+) {
     let pool = pool.clone();
     let topics = topics.clone();
     let health = health.clone();
@@ -306,7 +330,12 @@ fn spawn_batch(settings: &Arc<Settings>, topics: &Topics, pool: &PgPool, health:
 
 /// Commits a write set, retrying transient errors with backoff forever
 /// (nothing is acked meanwhile, so nothing is lost if the process dies).
-pub async fn commit_with_retry(pool: &PgPool, set: &store::WriteSet, health: &Health, settings: &Settings) -> store::WriteOutcome {
+pub async fn commit_with_retry(
+    pool: &PgPool,
+    set: &store::WriteSet,
+    health: &Health,
+    settings: &Settings,
+) -> store::WriteOutcome {
     let mut backoff = runtime::backoff(
         Duration::from_millis(settings.retry_min_ms),
         Duration::from_millis(settings.retry_max_ms),
@@ -319,7 +348,8 @@ pub async fn commit_with_retry(pool: &PgPool, set: &store::WriteSet, health: &He
                 health.db.store(true, Ordering::Relaxed);
                 let took = t0.elapsed();
                 metrics::histogram!("ingestor_commit_seconds").record(took.as_secs_f64());
-                metrics::histogram!("ingestor_batch_messages").record(set.rows.iter().map(|r| r.origin).max().map_or(0, |m| m + 1) as f64);
+                metrics::histogram!("ingestor_batch_messages")
+                    .record(set.rows.iter().map(|r| r.origin).max().map_or(0, |m| m + 1) as f64);
                 if let Ok(mut h) = commit_latency().lock() {
                     let _ = h.record(took.as_micros().max(1) as u64);
                 }
@@ -334,7 +364,8 @@ pub async fn commit_with_retry(pool: &PgPool, set: &store::WriteSet, health: &He
                     }
                 }
                 if !out.refused.is_empty() {
-                    metrics::counter!("ingestor_rejected_total", "reason" => "db_error").increment(out.refused.len() as u64);
+                    metrics::counter!("ingestor_rejected_total", "reason" => "db_error")
+                        .increment(out.refused.len() as u64);
                 }
                 if attempt > 0 {
                     tracing::info!(attempt, "database write succeeded after retries");
@@ -358,7 +389,6 @@ pub async fn commit_with_retry(pool: &PgPool, set: &store::WriteSet, health: &He
         }
     }
 }
-
 
 /// Commit latencies (microseconds) of MQTT batches since start, for the
 /// benchmark command (Prometheus has the same as `ingestor_commit_seconds`).

@@ -227,8 +227,16 @@ pub async fn write(pool: &PgPool, set: &WriteSet, method: InsertMethod) -> Resul
     origins.sort_unstable();
     origins.dedup();
     for origin in origins {
-        let rows: Vec<usize> = all_rows.iter().copied().filter(|&i| set.rows[i].origin == origin).collect();
-        let dead: Vec<usize> = all_dead.iter().copied().filter(|&i| set.dead[i].origin == origin).collect();
+        let rows: Vec<usize> = all_rows
+            .iter()
+            .copied()
+            .filter(|&i| set.rows[i].origin == origin)
+            .collect();
+        let dead: Vec<usize> = all_dead
+            .iter()
+            .copied()
+            .filter(|&i| set.dead[i].origin == origin)
+            .collect();
         match write_part(pool, method, set, &rows, &dead, &[], &[], &mut out).await {
             Ok(()) => continue,
             Err(e) if classify(&e) == ErrorClass::Transient => return Err(e),
@@ -245,7 +253,11 @@ pub async fn write(pool: &PgPool, set: &WriteSet, method: InsertMethod) -> Resul
                     tracing::warn!(row = i, error = %e, "row refused by the database; dead-lettered");
                     let r = &set.rows[i];
                     let dl = DeadLetter {
-                        source: if r.batch_id.is_some() { Source::Mqtt } else { Source::Http },
+                        source: if r.batch_id.is_some() {
+                            Source::Mqtt
+                        } else {
+                            Source::Http
+                        },
                         topic: None,
                         site_id: Some(r.imp.site_id.clone()),
                         batch_id: r.batch_id,
@@ -271,6 +283,7 @@ pub async fn write(pool: &PgPool, set: &WriteSet, method: InsertMethod) -> Resul
 
 /// One transaction over a subset of the set (`extra` are dead letters made
 /// during bisection).
+#[allow(clippy::too_many_arguments)] // the subset selectors of one bisection step
 async fn write_part(
     pool: &PgPool,
     method: InsertMethod,
@@ -313,6 +326,7 @@ async fn write_part(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn write_in(
     conn: &mut PgConnection,
     method: InsertMethod,
@@ -327,7 +341,11 @@ async fn write_in(
     let mut sent: Vec<usize> = Vec::with_capacity(rows.len());
     for &i in rows {
         let imp = &set.rows[i].imp;
-        if seen.insert((imp.site_id.as_str(), imp.played_at.timestamp_micros(), imp.impression_id)) {
+        if seen.insert((
+            imp.site_id.as_str(),
+            imp.played_at.timestamp_micros(),
+            imp.impression_id,
+        )) {
             sent.push(i);
         }
     }
@@ -452,7 +470,6 @@ pub async fn create_partitions_ahead(pool: &PgPool, months: i32) -> Result<i32, 
         .fetch_one(pool)
         .await
 }
-
 
 const COPY_ROWS: &str = "COPY sponsor_impressions (impression_id, site_id, seq, video_id, video_filename, played_at, \
      duration_played, video_duration, completed, event_type, period, trigger_type, audience_estimate, batch_id) FROM STDIN";

@@ -58,21 +58,28 @@ async fn seed_body_is_accepted_once_and_replays_are_duplicates(pool: PgPool) {
     let app = http_app(&pool).await;
     let (code, body) = post(&app, Some("club-42"), SEED_BODY).await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!((body["inserted"].as_u64(), body["duplicates"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (body["inserted"].as_u64(), body["duplicates"].as_u64()),
+        (Some(1), Some(0))
+    );
     // The legacy sync agent retries the same buffer: absorbed.
     let (code, body) = post(&app, Some("club-42"), SEED_BODY).await;
     assert_eq!(code, 200);
-    assert_eq!((body["inserted"].as_u64(), body["duplicates"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(
+        (body["inserted"].as_u64(), body["duplicates"].as_u64()),
+        (Some(0), Some(1))
+    );
     // Site from the body instead of the header.
     let with_site = SEED_BODY.replacen('{', r#"{"site_id":"club-7","#, 1);
     let (code, body) = post(&app, None, with_site).await;
     assert_eq!((code, body["inserted"].as_u64()), (200, Some(1)), "{body}");
     assert_eq!(count(&pool, ROWS).await, 2);
     assert_rollup_matches(&pool).await;
-    let (site, period): (String, String) = sqlx::query_as("SELECT site_id, period FROM sponsor_impressions WHERE site_id = 'club-42'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (site, period): (String, String) =
+        sqlx::query_as("SELECT site_id, period FROM sponsor_impressions WHERE site_id = 'club-42'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!((site.as_str(), period.as_str()), ("club-42", "loop"));
     app.stop().await;
 }
@@ -88,7 +95,12 @@ async fn bad_bodies_get_4xx_naming_the_field_and_partial_bodies_keep_good_record
     let (code, body) = post(&app, Some("club-1"), r#"{"impressions":"x"}"#).await;
     assert_eq!((code, body["field"].as_str()), (400, Some("impressions")), "{body}");
     // Header and body disagree on the site.
-    let (code, body) = post(&app, Some("club-1"), SEED_BODY.replacen('{', r#"{"site_id":"club-2","#, 1)).await;
+    let (code, body) = post(
+        &app,
+        Some("club-1"),
+        SEED_BODY.replacen('{', r#"{"site_id":"club-2","#, 1),
+    )
+    .await;
     assert_eq!((code, body["field"].as_str()), (400, Some("site_id")), "{body}");
     // No site at all: each record is refused naming its site_id.
     let (code, body) = post(&app, None, SEED_BODY).await;
@@ -110,16 +122,24 @@ async fn bad_bodies_get_4xx_naming_the_field_and_partial_bodies_keep_good_record
     assert_eq!(body["rejected"][0]["index"], 3);
     let field = body["rejected"][0]["errors"][0]["field"].as_str().unwrap();
     assert_eq!(field, "impressions[3].period");
-    assert!(body["error"].as_str().unwrap().starts_with("impressions[3].period: "), "{body}");
-    let (src, code_, reason): (String, String, String) =
-        sqlx::query_as("SELECT source, reason_code, reason FROM impressions_rejected WHERE seq IS NULL AND reason LIKE '%[3]%'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    assert!(
+        body["error"].as_str().unwrap().starts_with("impressions[3].period: "),
+        "{body}"
+    );
+    let (src, code_, reason): (String, String, String) = sqlx::query_as(
+        "SELECT source, reason_code, reason FROM impressions_rejected WHERE seq IS NULL AND reason LIKE '%[3]%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!((src.as_str(), code_.as_str()), ("http", "invalid_impression"));
     assert!(reason.contains("impressions[3].period"), "{reason}");
     assert_eq!(count(&pool, ROWS).await, 3);
-    assert_eq!(count(&pool, "SELECT count(*) FROM impressions_rejected").await, 2, "the 422 record and index 3");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM impressions_rejected").await,
+        2,
+        "the 422 record and index 3"
+    );
 
     // Above the body limit (64 KiB here): 413.
     let big = format!(r#"{{"impressions":[],"pad":"{}"}}"#, "x".repeat(100 * 1024));
@@ -127,7 +147,12 @@ async fn bad_bodies_get_4xx_naming_the_field_and_partial_bodies_keep_good_record
     assert_eq!(code, 413);
 
     // Health and metrics.
-    let m = reqwest::get(format!("http://{}/metrics", app.http)).await.unwrap().text().await.unwrap();
+    let m = reqwest::get(format!("http://{}/metrics", app.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(m.contains("ingestor_impressions_inserted_total"), "{m}");
     let h = reqwest::get(format!("http://{}/healthz", app.http)).await.unwrap();
     assert_eq!(h.status(), 200);

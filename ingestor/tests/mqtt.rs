@@ -46,8 +46,14 @@ async fn valid_batches_land_once_and_each_duplicate_publish_gets_a_receipt(pool:
     }
     let got = edge.receipts(3).await;
     assert!(got.iter().all(|r| r.batch_id == c.batch_id));
-    assert!(got.iter().all(|r| r.committed == vec![SeqRange { first: 51, last: 70 }]));
-    assert_eq!(got.iter().map(|r| r.inserted).sum::<u64>(), 20, "inserted once in total");
+    assert!(got
+        .iter()
+        .all(|r| r.committed == vec![SeqRange { first: 51, last: 70 }]));
+    assert_eq!(
+        got.iter().map(|r| r.inserted).sum::<u64>(),
+        20,
+        "inserted once in total"
+    );
     assert_eq!(got.iter().map(|r| r.duplicates).sum::<u64>(), 40);
     assert_eq!(count(&pool, ROWS).await, 100);
     assert_rollup_matches(&pool).await;
@@ -73,7 +79,8 @@ async fn bad_payloads_are_dead_lettered_while_valid_traffic_flows(pool: PgPool, 
     // Wrong types: JSON that is not an object, and an envelope whose
     // `impressions` is not an array.
     edge.publish_raw("club-1", b"[1,2,3]".to_vec()).await;
-    edge.publish_raw("club-1", br#"{"v":1,"site_id":"club-1","impressions":"nope"}"#.to_vec()).await;
+    edge.publish_raw("club-1", br#"{"v":1,"site_id":"club-1","impressions":"nope"}"#.to_vec())
+        .await;
     // Wrong site: the payload claims another site than its topic.
     let wrong_site = envelope("club-9", Uuid::now_v7(), 1, 5);
     edge.publish_raw("club-1", wrong_site.encode()).await;
@@ -97,7 +104,14 @@ async fn bad_payloads_are_dead_lettered_while_valid_traffic_flows(pool: PgPool, 
     edge.publish(&after).await;
 
     let r = edge
-        .receipts_for(&[before.batch_id, after.batch_id, partly_batch, wrong_site.batch_id, v2_batch, big.batch_id])
+        .receipts_for(&[
+            before.batch_id,
+            after.batch_id,
+            partly_batch,
+            wrong_site.batch_id,
+            v2_batch,
+            big.batch_id,
+        ])
         .await;
     assert_eq!(r[&before.batch_id][0].inserted, 10);
     assert_eq!(r[&after.batch_id][0].inserted, 10);
@@ -105,10 +119,19 @@ async fn bad_payloads_are_dead_lettered_while_valid_traffic_flows(pool: PgPool, 
     assert_eq!(p.committed, SeqRange::compress([11, 12, 14, 15]));
     assert_eq!(p.rejected.len(), 1);
     assert_eq!(p.rejected[0].seq, Some(13));
-    assert!(p.rejected[0].reason.contains("impressions[2].period"), "{}", p.rejected[0].reason);
+    assert!(
+        p.rejected[0].reason.contains("impressions[2].period"),
+        "{}",
+        p.rejected[0].reason
+    );
     assert_eq!(r[&v2_batch][0].rejected_range, Some(SeqRange { first: 100, last: 102 }));
-    assert_eq!(r[&big.batch_id][0].rejected_range, Some(SeqRange { first: 200, last: 1399 }));
-    assert!(r[&wrong_site.batch_id][0].rejected[0].reason.starts_with("site_mismatch"));
+    assert_eq!(
+        r[&big.batch_id][0].rejected_range,
+        Some(SeqRange { first: 200, last: 1399 })
+    );
+    assert!(r[&wrong_site.batch_id][0].rejected[0]
+        .reason
+        .starts_with("site_mismatch"));
 
     // 24 valid rows landed; 7 dead letters, each with its reason and raw bytes.
     assert_eq!(wait_count(&pool, DEAD, 7).await, 7);
@@ -120,14 +143,25 @@ async fn bad_payloads_are_dead_lettered_while_valid_traffic_flows(pool: PgPool, 
     .await
     .unwrap();
     let names: Vec<&str> = codes.iter().map(|c| c.0.as_str()).collect();
-    for code in ["invalid_envelope", "invalid_impression", "malformed_json", "oversized", "site_mismatch", "unsupported_version"] {
+    for code in [
+        "invalid_envelope",
+        "invalid_impression",
+        "malformed_json",
+        "oversized",
+        "site_mismatch",
+        "unsupported_version",
+    ] {
         assert!(names.contains(&code), "missing {code} in {names:?}");
     }
-    assert!(codes.iter().all(|c| c.2 > 0 && !c.1.is_empty()), "raw bytes and reason kept");
-    let malformed: Vec<u8> = sqlx::query_scalar("SELECT payload FROM impressions_rejected WHERE reason_code = 'malformed_json'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    assert!(
+        codes.iter().all(|c| c.2 > 0 && !c.1.is_empty()),
+        "raw bytes and reason kept"
+    );
+    let malformed: Vec<u8> =
+        sqlx::query_scalar("SELECT payload FROM impressions_rejected WHERE reason_code = 'malformed_json'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(malformed, b"{not json");
     let (src, seq): (String, Option<i64>) =
         sqlx::query_as("SELECT source, seq FROM impressions_rejected WHERE reason_code = 'invalid_impression'")
@@ -148,7 +182,10 @@ async fn postgres_connections_killed_mid_stream_every_impression_lands_once(pool
     s.writers = 2;
     let app = start(s).await;
     let mut edge = Edge::connect(&broker, &topics).await;
-    let db: String = sqlx::query_scalar("SELECT current_database()::text").fetch_one(&pool).await.unwrap();
+    let db: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
 
     // Kill the ingestor's backends every 30 ms while 100 envelopes flow.
     let killer_pool = pool.clone();

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
-use schema::{derive_impression_id, BatchEnvelope, EventType, Impression, Period, Receipt, TopicKind, Topics, TriggerType};
+use schema::{
+    derive_impression_id, BatchEnvelope, EventType, Impression, Period, Receipt, TopicKind, Topics, TriggerType,
+};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -70,15 +72,16 @@ pub fn unique_client_id() -> String {
 
 /// Settings for a test App: own prefix, own client id, port 0.
 pub async fn settings(pool: &PgPool, broker: &str, topics: &Topics, client_id: &str) -> ingestor::Settings {
-    let mut s = ingestor::Settings::default();
-    s.database_url = db_url(pool).await;
-    s.mqtt_url = broker.parse().unwrap();
-    s.http_addr = "127.0.0.1:0".parse().unwrap();
-    s.topic_prefix = topics.prefix().to_owned();
-    s.client_id = client_id.to_owned();
-    s.retry_min_ms = 50;
-    s.retry_max_ms = 1000;
-    s
+    ingestor::Settings {
+        database_url: db_url(pool).await,
+        mqtt_url: broker.parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        topic_prefix: topics.prefix().to_owned(),
+        client_id: client_id.to_owned(),
+        retry_min_ms: 50,
+        retry_max_ms: 1000,
+        ..Default::default()
+    }
 }
 
 pub struct Running {
@@ -271,7 +274,10 @@ impl Edge {
         while !ids.iter().all(|i| out.contains_key(i)) {
             match tokio::time::timeout(Duration::from_secs(60), self.receipts.recv()).await {
                 Ok(Some(r)) => out.entry(r.batch_id).or_default().push(r),
-                _ => panic!("receipts missing for {} envelopes", ids.iter().filter(|i| !out.contains_key(i)).count()),
+                _ => panic!(
+                    "receipts missing for {} envelopes",
+                    ids.iter().filter(|i| !out.contains_key(i)).count()
+                ),
             }
         }
         out
@@ -336,7 +342,11 @@ pub async fn forget_session(broker: &str, client_id: &str) {
 /// The rollup must equal the raw rows (sum of impressions).
 pub async fn assert_rollup_matches(pool: &PgPool) {
     let rows = count(pool, "SELECT count(*) FROM sponsor_impressions").await;
-    let rollup = count(pool, "SELECT coalesce(sum(impressions), 0)::int8 FROM sponsor_daily_stats").await;
+    let rollup = count(
+        pool,
+        "SELECT coalesce(sum(impressions), 0)::int8 FROM sponsor_daily_stats",
+    )
+    .await;
     assert_eq!(rollup, rows, "sponsor_daily_stats must count every row exactly once");
 }
 
