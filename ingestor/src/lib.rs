@@ -30,6 +30,7 @@ pub mod bench;
 pub mod decode;
 pub mod http;
 pub mod pipeline;
+pub mod receipts;
 pub mod settings;
 pub mod store;
 

@@ -7,7 +7,8 @@
 //! channel can be lost if the future is dropped mid-write), so it is never
 //! raced in a `select!` and dropped: the event loop is *moved into* a boxed
 //! future that returns it, and that future is kept across loop iterations.
-//! The same task also enqueues every PUBACK and receipt. That makes the
+//! The same task also enqueues every PUBACK (receipts go out on a connection
+//! of their own, see [`crate::receipts`]). That makes the
 //! acknowledgement rule race-free:
 //!
 //! * each received message is tagged with the connection *generation*, which
@@ -93,6 +94,23 @@ pub async fn run(
     pool: PgPool,
     health: Arc<Health>,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let receipts = crate::receipts::ReceiptPublisher::start(&settings)?;
+    let result = run_subscriber(settings.clone(), pool, health, shutdown, receipts.sender()).await;
+    receipts
+        .finish(Duration::from_secs(settings.drain_deadline_secs.max(1)))
+        .await;
+    result
+}
+
+/// The subscribing connection; receipts are handed to `receipt_tx` (see
+/// [`crate::receipts`] for why they have a connection of their own).
+async fn run_subscriber(
+    settings: Arc<Settings>,
+    pool: PgPool,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    receipt_tx: crate::receipts::ReceiptTx,
 ) -> anyhow::Result<()> {
     let topics = Topics::new(settings.topic_prefix.clone()).map_err(anyhow::Error::msg)?;
     let mut copts = runtime::mqtt::ClientOptions::new(settings.client_id.clone());
@@ -256,17 +274,16 @@ pub async fn run(
             }
         }
 
-        // Receipts first (they follow the commit), then acks in arrival order.
-        while let Some((topic, payload)) = receipts_out.front() {
-            if client
-                .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
-                .is_err()
-            {
-                // Request channel full: retried on the next turn.
+        // Receipts (they follow the commit) to their own connection, then
+        // acks in arrival order; neither waits for the other.
+        while let Some(r) = receipts_out.pop_front() {
+            if let Err(e) = receipt_tx.try_send(r) {
+                match e {
+                    mpsc::error::TrySendError::Full(r) => receipts_out.push_front(r),
+                    mpsc::error::TrySendError::Closed(_) => receipts_out.clear(),
+                }
                 break;
             }
-            receipts_out.pop_front();
-            metrics::counter!("ingestor_receipts_published_total").increment(1);
         }
         while let Some(front) = pending.front() {
             if front.generation != generation {
