@@ -165,6 +165,30 @@ impl MqttUrl {
     }
 }
 
+/// Ends the persistent session `client_id` holds on the broker at `url`:
+/// connects with a clean session (which makes the broker discard the stored
+/// one) and disconnects. Used to retire a site's session and by tests to
+/// leave the shared Mosquitto as they found it. Best effort, bounded by 5 s.
+pub async fn forget_session(url: &MqttUrl, client_id: &str) -> anyhow::Result<()> {
+    use rumqttc::{AsyncClient, Event, Incoming, Outgoing};
+    let mut o = ClientOptions::new(client_id);
+    o.clean_session = true;
+    let (client, mut el) = AsyncClient::new(url.options(&o)?, 10);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    let _ = client.disconnect().await;
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -229,23 +229,8 @@ pub async fn stats(http: &reqwest::Client, base: &str) -> serde_json::Value {
 
 /// Removes a persistent session from a broker (test hygiene on the shared Mosquitto).
 pub async fn forget_session(broker: &str, client_id: &str) {
-    use rumqttc::{AsyncClient, Event, Outgoing, Packet};
     let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
-    let mut o = runtime::mqtt::ClientOptions::new(client_id);
-    o.clean_session = true;
-    let (client, mut el) = AsyncClient::new(url.options(&o).unwrap(), 10);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.disconnect().await;
-                }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    runtime::mqtt::forget_session(&url, client_id).await.unwrap();
 }
 
 /// Clears a retained message (the edge's status) on a shared broker.

@@ -322,21 +322,7 @@ pub async fn ensure_session(broker: &str, client_id: &str, topics: &Topics) {
 /// Removes the persistent session a test created on the shared broker.
 pub async fn forget_session(broker: &str, client_id: &str) {
     let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
-    let mut o = runtime::mqtt::ClientOptions::new(client_id);
-    o.clean_session = true;
-    let (client, mut el) = AsyncClient::new(url.options(&o).unwrap(), 10);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    let _ = client.disconnect().await;
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    runtime::mqtt::forget_session(&url, client_id).await.unwrap();
 }
 
 /// The rollup must equal the raw rows (sum of impressions).
