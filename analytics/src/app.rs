@@ -36,7 +36,6 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
-    pub attribution: stats::AttributionCache,
 }
 
 pub struct App {
@@ -66,13 +65,7 @@ impl App {
         if settings.api_tokens.is_empty() {
             anyhow::bail!("no API token configured");
         }
-        let router = router(
-            AppState {
-                pool: pool.clone(),
-                attribution: stats::AttributionCache::default(),
-            },
-            &settings,
-        );
+        let router = router(AppState { pool: pool.clone() }, &settings);
         let listener = runtime::http::bind(settings.http_addr).await?;
         let addr = listener.local_addr().context("reading bound address")?;
         tracing::info!(%addr, "neopro-analytics listening");
@@ -240,7 +233,7 @@ async fn import_catalogue(
 
 async fn load_stats(s: &AppState, id: &str, params: &HashMap<String, String>) -> ApiResult<stats::Stats> {
     let q = StatsQuery::parse(params, today())?;
-    stats::compute(&s.pool, &s.attribution, id, &q).await
+    stats::compute(&s.pool, id, &q).await
 }
 
 async fn stats_json(
@@ -299,7 +292,7 @@ async fn playouts_csv(
 ) -> ApiResult<Response> {
     let q = StatsQuery::parse(&params, today())?;
     catalogue::get_sponsor(&s.pool, &id).await?;
-    let att = s.attribution.get(&s.pool, &id).await?;
+    let att = stats::attributed_videos(&s.pool, &id).await?;
     let names: Vec<(String, String)> = sqlx::query_as("SELECT site_id, name FROM sites WHERE name IS NOT NULL")
         .fetch_all(&s.pool)
         .await?;

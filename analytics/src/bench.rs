@@ -303,14 +303,14 @@ async fn load(args: &BenchArgs, admin_url: &str, url: &str, first_day: NaiveDate
     }
     sqlx::query("ANALYZE").execute(&pool).await?;
     let rollup_s = started.elapsed().as_secs_f64();
-    let counts: (i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM sponsor_daily_stats), (SELECT count(*) FROM analytics_video_daily),
-                (SELECT count(*) FROM analytics_site_video_monthly)",
+    let counts: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM sponsor_daily_stats), (SELECT count(*) FROM sponsor_site_daily),
+                (SELECT count(*) FROM sponsor_site_daily_detail), (SELECT count(*) FROM sponsor_video_daily)",
     )
     .fetch_one(&pool)
     .await?;
     println!(
-        "bench load: plays={} sites={} videos={} sponsors={} days={} copy_s={:.1} ({:.0} rows/s) rollup_s={:.1} rows: sponsor_daily_stats={} analytics_video_daily={} analytics_site_video_monthly={}",
+        "bench load: plays={} sites={} videos={} sponsors={} days={} copy_s={:.1} ({:.0} rows/s) rollup_s={:.1} rows: sponsor_daily_stats={} sponsor_site_daily={} sponsor_site_daily_detail={} sponsor_video_daily={}",
         args.plays,
         args.sites,
         args.videos,
@@ -321,7 +321,8 @@ async fn load(args: &BenchArgs, admin_url: &str, url: &str, first_day: NaiveDate
         rollup_s,
         counts.0,
         counts.1,
-        counts.2
+        counts.2,
+        counts.3
     );
     pool.close().await;
     Ok(())
@@ -420,7 +421,18 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     let last_day = today - Days::new(1);
     match loaded_plays(&url).await {
         Some(n) if args.reuse && n == args.plays as i64 => {
-            println!("bench load: reusing {} ({} plays)", args.bench_db, n)
+            // A database loaded by an earlier version gets the newer
+            // migrations (and their backfill) first.
+            let pool = runtime::db::connect(&url, 2).await?;
+            let t = Instant::now();
+            runtime::db::migrate(&pool).await?;
+            pool.close().await;
+            println!(
+                "bench load: reusing {} ({} plays); migrations applied in {:.1}s",
+                args.bench_db,
+                n,
+                t.elapsed().as_secs_f64()
+            )
         }
         _ => load(&args, &admin_url, &url, first_day).await?,
     }
@@ -429,16 +441,14 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         .max_connections(4)
         .connect_with(sqlx::postgres::PgConnectOptions::from_str(&url)?)
         .await?;
-    let (d0, d1): (NaiveDate, NaiveDate) = sqlx::query_as("SELECT min(day), max(day) FROM analytics_video_daily")
+    let (d0, d1): (NaiveDate, NaiveDate) = sqlx::query_as("SELECT min(day), max(day) FROM sponsor_stats_daily")
         .fetch_one(&pool)
         .await?;
     let _ = (first_day, last_day);
-    let ranked: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT s, sum(n)::int8 FROM (SELECT sponsor_of(nullif(video_id, ''), video_filename) s, impressions n FROM analytics_video_daily) x
-         WHERE s IS NOT NULL GROUP BY s ORDER BY 2 DESC",
-    )
-    .fetch_all(&pool)
-    .await?;
+    let ranked: Vec<(String, i64)> =
+        sqlx::query_as("SELECT sponsor_id, sum(impressions)::int8 FROM sponsor_stats_daily GROUP BY 1 ORDER BY 2 DESC")
+            .fetch_all(&pool)
+            .await?;
     anyhow::ensure!(!ranked.is_empty(), "no attributed plays in the bench database");
     let top = ranked[0].0.clone();
     let mid = ranked[ranked.len() / 2].0.clone();
@@ -621,51 +631,64 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// What the analytics triggers add to the ingestor's rollup statement: the
-/// same batch (50 rollup rows, half new keys, half increments) with and
-/// without the triggers, each in a transaction that is rolled back (so the
-/// bench data is unchanged; commit cost, identical for both, is excluded).
+/// same batch with and without the triggers, each in a transaction that is
+/// rolled back (so the bench data is unchanged; commit cost, identical for
+/// both, is excluded). A batch of `rows` keys over as many sites, half
+/// increments of existing keys (the last day), half new keys (the next day),
+/// all of known videos except `new_videos` never seen before (the map then
+/// runs `sponsor_of()` for them).
 async fn trigger_cost(pool: &PgPool, day: NaiveDate) -> anyhow::Result<()> {
     const SQL: &str = "
         INSERT INTO sponsor_daily_stats (day, site_id, video_id, video_filename, period, event_type,
             impressions, seconds_played, completed_count, audience_sum)
-        SELECT $1::date, 'site-' || lpad((($2 * 7 + i) % 1000)::text, 4, '0'),
-               CASE WHEN i % 2 = 0 THEN 'vid-' || lpad((i % 140)::text, 4, '0') ELSE '' END,
-               CASE WHEN i % 2 = 0 THEN 'clip_' || lpad((i % 140)::text, 4, '0') || '.mp4' ELSE 'new_' || i || '.mp4' END,
-               'loop', 'match', 3, 45.0, 2, 30
-        FROM generate_series(1, 50) i
+        SELECT CASE WHEN i % 2 = 0 THEN $1::date ELSE $1::date + 1 END,
+               'site-' || lpad((($2 * 7 + i) % 1000)::text, 4, '0'),
+               CASE WHEN i <= $4 THEN '' ELSE 'vid-' || lpad((i % 140)::text, 4, '0') END,
+               CASE WHEN i <= $4 THEN 'new_' || $2 || '_' || i || '.mp4' ELSE 'clip_' || lpad((i % 140)::text, 4, '0') || '.mp4' END,
+               (ARRAY['loop', 'pre_match', 'halftime', 'post_match'])[1 + i % 4],
+               (ARRAY['match', 'training'])[1 + (i / 4) % 2], 3, 45.0, 2, 30
+        FROM generate_series(1, $3) i
         ON CONFLICT (day, site_id, video_filename, video_id, period, event_type) DO UPDATE SET
             impressions = sponsor_daily_stats.impressions + excluded.impressions,
             seconds_played = sponsor_daily_stats.seconds_played + excluded.seconds_played,
             completed_count = sponsor_daily_stats.completed_count + excluded.completed_count,
             audience_sum = sponsor_daily_stats.audience_sum + excluded.audience_sum";
     let mut conn = pool.acquire().await?;
-    let mut results = Vec::new();
-    for with_triggers in [true, false, true, false] {
-        let mut h = Histogram::<u64>::new(3)?;
-        for b in 0..200i32 {
-            let mut tx = conn.begin().await?;
-            if !with_triggers {
-                // Session-local: user triggers do not fire (replica role).
-                sqlx::query("SET LOCAL session_replication_role = replica")
+    for (rows, new_videos) in [(50i32, 0i32), (500, 0), (500, 10)] {
+        let mut results = Vec::new();
+        for with_triggers in [true, false, true, false] {
+            let mut h = Histogram::<u64>::new(3)?;
+            for b in 0..200i32 {
+                let mut tx = conn.begin().await?;
+                if !with_triggers {
+                    // Session-local: user triggers do not fire (replica role).
+                    sqlx::query("SET LOCAL session_replication_role = replica")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let t = Instant::now();
+                sqlx::query(SQL)
+                    .bind(day)
+                    .bind(b)
+                    .bind(rows)
+                    .bind(new_videos)
                     .execute(&mut *tx)
                     .await?;
+                h.record(t.elapsed().as_micros() as u64)?;
+                tx.rollback().await?;
             }
-            let t = Instant::now();
-            sqlx::query(SQL).bind(day).bind(b).execute(&mut *tx).await?;
-            h.record(t.elapsed().as_micros() as u64)?;
-            tx.rollback().await?;
+            results.push((with_triggers, h));
         }
-        results.push((with_triggers, h));
+        let with = &results[2].1;
+        let without = &results[3].1;
+        println!(
+            "trigger cost on the ingestor's rollup upsert ({rows} rows/statement, {new_videos} new videos, rolled back): with triggers p50={:.2}ms p95={:.2}ms ; without p50={:.2}ms p95={:.2}ms ; ratio p50 = {:.2}x",
+            with.value_at_quantile(0.5) as f64 / 1000.0,
+            with.value_at_quantile(0.95) as f64 / 1000.0,
+            without.value_at_quantile(0.5) as f64 / 1000.0,
+            without.value_at_quantile(0.95) as f64 / 1000.0,
+            with.value_at_quantile(0.5) as f64 / (without.value_at_quantile(0.5) as f64).max(1.0)
+        );
     }
-    let with = &results[2].1;
-    let without = &results[3].1;
-    println!(
-        "trigger cost on the ingestor's rollup upsert (50 rows/statement, rolled back): with triggers p50={:.2}ms p95={:.2}ms ; without p50={:.2}ms p95={:.2}ms ; ratio p50 = {:.2}x",
-        with.value_at_quantile(0.5) as f64 / 1000.0,
-        with.value_at_quantile(0.95) as f64 / 1000.0,
-        without.value_at_quantile(0.5) as f64 / 1000.0,
-        without.value_at_quantile(0.95) as f64 / 1000.0,
-        with.value_at_quantile(0.5) as f64 / (without.value_at_quantile(0.5) as f64).max(1.0)
-    );
     Ok(())
 }

@@ -1,23 +1,28 @@
-//! Sponsor statistics over a date range, answered from the rollups.
+//! Sponsor statistics over a date range, answered from the per-sponsor
+//! rollups of the migration `20261201000020_sponsor_rollups.sql`.
 //!
-//! Attribution happens at read time: the distinct videos ever played
-//! (`analytics_videos`, a few hundred rows) go through `sponsor_of()` under
-//! the current catalogue, and the sponsor's (video_id, video_filename) pairs
-//! then select rows of
-//!  * `analytics_video_day` (video, day) for the totals, the daily series and
-//!    top videos; `analytics_video_monthly` (video, month, period, event type)
-//!    plus `analytics_video_daily` for the edge days, for the breakdowns by
-//!    period and event type (with a period/event filter, everything reads
-//!    `analytics_video_daily`);
-//!  * `analytics_site_video_monthly` for the whole months inside the range
-//!    plus `sponsor_daily_stats` for the partial months at its edges, for the
-//!    breakdown by site and the number of sites reached.
+//! Attribution happens at write time and follows the catalogue: the map
+//! `video_attribution` (video -> sponsor under the current catalogue) is kept
+//! exact by triggers on `sponsor_daily_stats` (new videos) and on `videos`
+//! (a rule change moves the affected videos' past aggregates from the old
+//! sponsor to the new one in the catalogue's transaction), so every read sees
+//! the current catalogue and needs no attribution step of its own.
 //!
-//! With a `site_id` filter everything reads `sponsor_daily_stats` (one site is
-//! small); with a `period`/`event_type` filter the by-site part reads
-//! `sponsor_daily_stats` (the monthly rollup has no such dimension).
-//! All rollups are exact at every commit (see the migration
-//! `20261124000010_analytics_rollups.sql`), so late plays are included.
+//! Without a `site_id` filter, three queries run in parallel:
+//!  * `sponsor_stats_daily` (sponsor, day, period, event): totals, by period,
+//!    by event type and the daily series, aggregated here (at most 16 rows a
+//!    day);
+//!  * `sponsor_video_daily`: top videos;
+//!  * by site: `sponsor_site_monthly` for the whole months of the range,
+//!    `sponsor_site_weekly` for the whole ISO weeks of what is left, and
+//!    `sponsor_site_daily` for the remaining days (at most 6 at each end of
+//!    each partial month), each read by bucket lists (`= ANY`); with a
+//!    period/event filter, `sponsor_site_daily_detail` (its key starts with
+//!    period and event type, so a filter is a few index ranges).
+//!
+//! With a `site_id` filter everything reads `sponsor_daily_stats` through its
+//! `(site_id, day)` index, restricted to the sponsor's videos (one site is
+//! small). All rollups are exact at every commit, so late plays are included.
 //!
 //! Days are UTC days; `from` and `to` are inclusive.
 
@@ -213,88 +218,71 @@ pub struct Attributed {
     pub video_ids: Vec<String>,
 }
 
-/// Attribution of every played video under the current catalogue, cached
-/// per process and revalidated on each request by a cheap fingerprint of the
-/// catalogue (`videos`) and of the set of played videos (`analytics_videos`,
-/// which only grows). A change by any process (API, CLI import, psql) is seen
-/// by the next request.
-/// (catalogue fingerprint, sponsor -> its played videos).
-type CachedAttribution = ((i64, i64, i64), HashMap<String, Attributed>);
-
-#[derive(Clone, Default)]
-pub struct AttributionCache {
-    inner: std::sync::Arc<tokio::sync::Mutex<Option<CachedAttribution>>>,
-}
-
-const FINGERPRINT_SQL: &str = "
-SELECT (SELECT count(*) FROM analytics_videos)::int8,
-       (SELECT count(*) FROM videos)::int8,
-       (SELECT coalesce(sum(hashtext(concat_ws('|', id, sponsor_id, video_id, filename_pattern))::int8), 0) FROM videos)::int8";
-
-impl AttributionCache {
-    pub async fn get(&self, pool: &PgPool, sponsor_id: &str) -> ApiResult<Attributed> {
-        let fp: (i64, i64, i64) = sqlx::query_as(FINGERPRINT_SQL).fetch_one(pool).await?;
-        let mut guard = self.inner.lock().await;
-        if let Some((cached_fp, map)) = guard.as_ref() {
-            if *cached_fp == fp {
-                return Ok(map.get(sponsor_id).cloned().unwrap_or_default());
-            }
-        }
-        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-            "SELECT video_filename, video_id, sponsor_of(nullif(video_id, ''), video_filename)
-             FROM analytics_videos ORDER BY 1, 2",
-        )
-        .fetch_all(pool)
-        .await?;
-        let mut map: HashMap<String, Attributed> = HashMap::new();
-        for (f, v, s) in rows {
-            if let Some(s) = s {
-                let a = map.entry(s).or_default();
-                a.filenames.push(f);
-                a.video_ids.push(v);
-            }
-        }
-        let out = map.get(sponsor_id).cloned().unwrap_or_default();
-        *guard = Some((fp, map));
-        Ok(out)
-    }
-}
-
-/// Uncached attribution of one sponsor's played videos.
+/// The sponsor's played videos under the current catalogue, from the map
+/// `video_attribution` (exact at every commit, whoever changed the
+/// catalogue).
 pub async fn attributed_videos(pool: &PgPool, sponsor_id: &str) -> ApiResult<Attributed> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT video_filename, video_id FROM analytics_videos
-         WHERE sponsor_of(nullif(video_id, ''), video_filename) = $1
-         ORDER BY 1, 2",
-    )
-    .bind(sponsor_id)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT video_filename, video_id FROM video_attribution WHERE sponsor_id = $1 ORDER BY 1, 2")
+            .bind(sponsor_id)
+            .fetch_all(pool)
+            .await?;
     let (filenames, video_ids) = rows.into_iter().unzip();
     Ok(Attributed { filenames, video_ids })
 }
 
-type DayRow = (
-    i32,
-    i32,
-    Option<NaiveDate>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<f64>,
-    Option<i64>,
-    Option<i64>,
-);
+/// Totals, breakdowns and the daily series: one row per (day, period, event).
+const DAY_SQL: &str = "
+SELECT day, period, event_type, impressions, seconds_played, completed_count, audience_sum
+FROM sponsor_stats_daily
+WHERE sponsor_id = $1 AND day >= $2 AND day <= $3
+  AND ($4::text IS NULL OR period = $4) AND ($5::text IS NULL OR event_type = $5)
+ORDER BY day, period, event_type";
 
-type BreakdownRow = (
-    i32,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<f64>,
-    Option<i64>,
-    Option<i64>,
-);
+const VIDEOS_SQL: &str = "
+SELECT video_filename, video_id,
+       sum(impressions)::int8, sum(seconds_played)::float8, sum(completed_count)::int8, sum(audience_sum)::int8
+FROM sponsor_video_daily
+WHERE sponsor_id = $1 AND day >= $2 AND day <= $3
+  AND ($4::text IS NULL OR period = $4) AND ($5::text IS NULL OR event_type = $5)
+GROUP BY 1, 2
+HAVING sum(impressions) > 0";
+
+/// By site, unfiltered: whole months + whole weeks + days.
+const SITES_SQL: &str = "
+WITH x AS (
+    SELECT site_id, impressions, seconds_played, completed_count, audience_sum
+    FROM sponsor_site_monthly WHERE sponsor_id = $1 AND month = ANY($2::date[])
+    UNION ALL
+    SELECT site_id, impressions, seconds_played, completed_count, audience_sum
+    FROM sponsor_site_weekly WHERE sponsor_id = $1 AND week = ANY($3::date[])
+    UNION ALL
+    SELECT site_id, impressions, seconds_played, completed_count, audience_sum
+    FROM sponsor_site_daily WHERE sponsor_id = $1 AND day = ANY($4::date[])
+),
+agg AS (
+    SELECT site_id, sum(impressions)::int8 AS n, sum(seconds_played)::float8 AS secs,
+           sum(completed_count)::int8 AS comp, sum(audience_sum)::int8 AS aud
+    FROM x GROUP BY site_id HAVING sum(impressions) > 0
+)
+SELECT agg.site_id, si.name, agg.n, agg.secs, agg.comp, agg.aud
+FROM agg LEFT JOIN sites si ON si.site_id = agg.site_id
+ORDER BY 3 DESC, 1";
+
+/// By site with a period/event filter: the detail table, whose key starts
+/// with (sponsor, period, event_type), so the filter is a few index ranges.
+const SITES_DETAIL_SQL: &str = "
+WITH agg AS (
+    SELECT site_id, sum(impressions)::int8 AS n, sum(seconds_played)::float8 AS secs,
+           sum(completed_count)::int8 AS comp, sum(audience_sum)::int8 AS aud
+    FROM sponsor_site_daily_detail
+    WHERE sponsor_id = $1 AND period = ANY($2::text[]) AND event_type = ANY($3::text[])
+      AND day >= $4 AND day <= $5
+    GROUP BY site_id HAVING sum(impressions) > 0
+)
+SELECT agg.site_id, si.name, agg.n, agg.secs, agg.comp, agg.aud
+FROM agg LEFT JOIN sites si ON si.site_id = agg.site_id
+ORDER BY 3 DESC, 1";
 
 type GroupRow = (
     i32,
@@ -312,85 +300,64 @@ type GroupRow = (
     Option<i64>,
 );
 
-const GROUPS_SQL: &str = "
+/// With a site filter: everything from sponsor_daily_stats through its
+/// (site_id, day) index, restricted to the sponsor's videos.
+const SITE_GROUPS_SQL: &str = "
 SELECT GROUPING(t.period)::int4, GROUPING(t.event_type)::int4, GROUPING(t.day)::int4, GROUPING(t.video_filename)::int4,
        t.period, t.event_type, t.day, t.video_filename, t.video_id,
        sum(t.impressions)::int8, sum(t.seconds_played)::float8, sum(t.completed_count)::int8, sum(t.audience_sum)::int8
 FROM unnest($1::text[], $2::text[]) AS v(video_filename, video_id)
-JOIN {SRC} t ON t.video_filename = v.video_filename AND t.video_id = v.video_id
-WHERE t.day >= $3 AND t.day <= $4
+JOIN sponsor_daily_stats t ON t.video_filename = v.video_filename AND t.video_id = v.video_id
+WHERE t.site_id = $7 AND t.day >= $3 AND t.day <= $4
   AND ($5::text IS NULL OR t.period = $5)
   AND ($6::text IS NULL OR t.event_type = $6)
-  {SITE}
 GROUP BY GROUPING SETS ((), (t.period), (t.event_type), (t.day), (t.video_filename, t.video_id))";
 
-/// Unfiltered: totals, daily series and per video from analytics_video_day.
-const DAY_SQL: &str = "
-SELECT GROUPING(t.day)::int4, GROUPING(t.video_filename)::int4, t.day, t.video_filename, t.video_id,
-       sum(t.impressions)::int8, sum(t.seconds_played)::float8, sum(t.completed_count)::int8, sum(t.audience_sum)::int8
-FROM unnest($1::text[], $2::text[]) AS v(video_filename, video_id)
-JOIN analytics_video_day t ON t.video_filename = v.video_filename AND t.video_id = v.video_id
-WHERE t.day >= $3 AND t.day <= $4
-GROUP BY GROUPING SETS ((), (t.day), (t.video_filename, t.video_id))";
+/// The by-site buckets of [from, to]: whole months, then whole ISO weeks
+/// (Monday starts) of what is left at each end, then the remaining days (at
+/// most 6 before and 6 after the weeks of each partial span).
+#[derive(Debug, Default, PartialEq)]
+pub struct SiteBuckets {
+    pub months: Vec<NaiveDate>,
+    pub weeks: Vec<NaiveDate>,
+    pub days: Vec<NaiveDate>,
+}
 
-/// Unfiltered: by period and event type, whole months from
-/// analytics_video_monthly plus the edge days from analytics_video_daily.
-const BREAKDOWN_SQL: &str = "
-WITH v AS (SELECT * FROM unnest($1::text[], $2::text[]) AS v(video_filename, video_id)),
-x AS (
-    SELECT m.period, m.event_type, m.impressions, m.seconds_played, m.completed_count, m.audience_sum
-    FROM v JOIN analytics_video_monthly m
-      ON m.video_filename = v.video_filename AND m.video_id = v.video_id AND m.month >= $3 AND m.month < $4
-    UNION ALL
-    SELECT d.period, d.event_type, d.impressions, d.seconds_played, d.completed_count, d.audience_sum
-    FROM v JOIN analytics_video_daily d
-      ON d.video_filename = v.video_filename AND d.video_id = v.video_id AND d.day >= $5 AND d.day < $3
-    UNION ALL
-    SELECT d.period, d.event_type, d.impressions, d.seconds_played, d.completed_count, d.audience_sum
-    FROM v JOIN analytics_video_daily d
-      ON d.video_filename = v.video_filename AND d.video_id = v.video_id AND d.day >= $4 AND d.day <= $6
-)
-SELECT GROUPING(period)::int4, period, event_type,
-       sum(impressions)::int8, sum(seconds_played)::float8, sum(completed_count)::int8, sum(audience_sum)::int8
-FROM x GROUP BY GROUPING SETS ((period), (event_type))";
+pub fn site_buckets(from: NaiveDate, to: NaiveDate) -> SiteBuckets {
+    let mut b = SiteBuckets::default();
+    let after = to.succ_opt().unwrap_or(to);
+    let (mf, mt) = month_split(from, to);
+    let mut m = mf;
+    while m < mt {
+        b.months.push(m);
+        m = m.checked_add_months(chrono::Months::new(1)).unwrap_or(mt);
+    }
+    let mut span = |lo: NaiveDate, hi: NaiveDate| {
+        let mut d = lo;
+        while d < hi {
+            match d.checked_add_days(Days::new(7)) {
+                Some(next) if d.weekday() == chrono::Weekday::Mon && next <= hi => {
+                    b.weeks.push(d);
+                    d = next;
+                }
+                _ => {
+                    b.days.push(d);
+                    d = d.succ_opt().unwrap_or(hi);
+                }
+            }
+        }
+    };
+    if mf < mt {
+        span(from, mf);
+        span(mt, after);
+    } else {
+        span(from, after);
+    }
+    b
+}
 
-const SITES_SQL: &str = "
-WITH v AS (SELECT * FROM unnest($1::text[], $2::text[]) AS v(video_filename, video_id)),
-x AS (
-    SELECT m.site_id, m.impressions, m.seconds_played, m.completed_count, m.audience_sum
-    FROM v JOIN analytics_site_video_monthly m
-      ON m.video_filename = v.video_filename AND m.video_id = v.video_id AND m.month >= $3 AND m.month < $4
-    UNION ALL
-    {EDGE_LO}
-    UNION ALL
-    {EDGE_HI}
-),
-agg AS (
-    SELECT site_id, sum(impressions)::int8 AS n, sum(seconds_played)::float8 AS secs,
-           sum(completed_count)::int8 AS comp, sum(audience_sum)::int8 AS aud
-    FROM x GROUP BY site_id HAVING sum(impressions) > 0
-)
-SELECT agg.site_id, si.name, agg.n, agg.secs, agg.comp, agg.aud
-FROM agg LEFT JOIN sites si ON si.site_id = agg.site_id
-ORDER BY 3 DESC, 1";
-
-/// One edge of the by-site query: per video (lateral), a single day range so
-/// the (video_filename, day) index of sponsor_daily_stats reads only the
-/// sponsor's rows (an OR of two ranges made the planner scan the day index).
-const SITES_EDGE_SQL: &str = "
-    SELECT s.site_id, s.impressions, s.seconds_played, s.completed_count, s.audience_sum
-    FROM v CROSS JOIN LATERAL (
-        SELECT s.* FROM sponsor_daily_stats s
-        WHERE s.video_filename = v.video_filename AND s.video_id = v.video_id
-          AND s.day >= {LO} AND s.day {HI_OP} {HI}
-          AND ($7::text IS NULL OR s.period = $7)
-          AND ($8::text IS NULL OR s.event_type = $8)
-          {SITE}
-    ) s";
-
-/// Splits [from, to] into whole months [mf, mt) served by the monthly rollup
-/// and the day edges around them. Without a whole month, mf = mt = to + 1 so
-/// that the first edge covers the whole range.
+/// Splits [from, to] into whole months [mf, mt) and the days around them.
+/// Without a whole month, mf = mt = to + 1.
 fn month_split(from: NaiveDate, to: NaiveDate) -> (NaiveDate, NaiveDate) {
     let after = to.succ_opt().unwrap_or(to);
     let first_of = |d: NaiveDate| d.with_day(1).unwrap_or(d);
@@ -409,46 +376,33 @@ fn month_split(from: NaiveDate, to: NaiveDate) -> (NaiveDate, NaiveDate) {
     }
 }
 
+type SiteRow = (String, Option<String>, i64, f64, i64, i64);
+
+#[derive(Default)]
+struct Acc {
+    n: i64,
+    secs: f64,
+    comp: i64,
+    aud: i64,
+}
+
+impl Acc {
+    fn add(&mut self, n: i64, secs: f64, comp: i64, aud: i64) {
+        self.n += n;
+        self.secs += secs;
+        self.comp += comp;
+        self.aud += aud;
+    }
+    fn figures(&self) -> Figures {
+        Figures::new(self.n, self.secs, self.comp, self.aud)
+    }
+}
+
 /// Computes the stats of `sponsor_id` (404 when unknown).
-pub async fn compute(pool: &PgPool, cache: &AttributionCache, sponsor_id: &str, q: &StatsQuery) -> ApiResult<Stats> {
-    let (sponsor, att) = tokio::try_join!(get_sponsor(pool, sponsor_id), cache.get(pool, sponsor_id))?;
+pub async fn compute(pool: &PgPool, sponsor_id: &str, q: &StatsQuery) -> ApiResult<Stats> {
+    let (sponsor, att) = tokio::try_join!(get_sponsor(pool, sponsor_id), attributed_videos(pool, sponsor_id))?;
     let period = q.period.map(|p| p.as_str().to_owned());
     let event_type = q.event_type.map(|e| e.as_str().to_owned());
-
-    let unfiltered = q.site_id.is_none() && q.period.is_none() && q.event_type.is_none();
-    let (mf, mt) = if unfiltered {
-        month_split(q.from, q.to)
-    } else {
-        let after = q.to.succ_opt().unwrap_or(q.to);
-        (after, after)
-    };
-    // With a site filter, the condition is written out so the planner reads
-    // sponsor_daily_stats by its (site_id, day) index.
-    let site_cond = if q.site_id.is_some() {
-        "AND s.site_id = $9"
-    } else {
-        "AND $9::text IS NULL"
-    };
-    let edge = |lo: &str, op: &str, hi: &str| {
-        SITES_EDGE_SQL
-            .replace("{LO}", lo)
-            .replace("{HI_OP}", op)
-            .replace("{HI}", hi)
-            .replace("{SITE}", site_cond)
-    };
-    let sites_sql = SITES_SQL
-        .replace("{EDGE_LO}", &edge("$5", "<", "$3"))
-        .replace("{EDGE_HI}", &edge("$4", "<=", "$6"));
-    let sites_q = sqlx::query_as::<_, (String, Option<String>, i64, f64, i64, i64)>(&sites_sql)
-        .bind(&att.filenames)
-        .bind(&att.video_ids)
-        .bind(mf)
-        .bind(mt)
-        .bind(q.from)
-        .bind(q.to)
-        .bind(&period)
-        .bind(&event_type)
-        .bind(&q.site_id);
 
     let mut total = Figures::default();
     let mut by_period: HashMap<String, Figures> = HashMap::new();
@@ -458,78 +412,27 @@ pub async fn compute(pool: &PgPool, cache: &AttributionCache, sponsor_id: &str, 
     let fig = |n: Option<i64>, secs: Option<f64>, comp: Option<i64>, aud: Option<i64>| {
         Figures::new(n.unwrap_or(0), secs.unwrap_or(0.0), comp.unwrap_or(0), aud.unwrap_or(0))
     };
-    let mut push_video = |vf: Option<String>, vid: Option<String>, f: Figures| {
+    let mut push_video = |vf: String, vid: String, f: Figures| {
         if f.impressions > 0 {
             videos.push(VideoFigures {
-                video_id: vid.filter(|v| !v.is_empty()),
-                video_filename: vf.unwrap_or_default(),
+                video_id: Some(vid).filter(|v| !v.is_empty()),
+                video_filename: vf,
                 figures: f,
             })
         }
     };
-    let sites;
-    if unfiltered {
-        let day_q = sqlx::query_as::<_, DayRow>(DAY_SQL)
-            .bind(&att.filenames)
-            .bind(&att.video_ids)
-            .bind(q.from)
-            .bind(q.to);
-        let breakdown_q = sqlx::query_as::<_, BreakdownRow>(BREAKDOWN_SQL)
-            .bind(&att.filenames)
-            .bind(&att.video_ids)
-            .bind(mf)
-            .bind(mt)
-            .bind(q.from)
-            .bind(q.to);
-        let (days, breakdowns, s) = tokio::try_join!(
-            day_q.fetch_all(pool),
-            breakdown_q.fetch_all(pool),
-            sites_q.fetch_all(pool)
-        )?;
-        sites = s;
-        for (gd, gv, d, vf, vid, n, secs, comp, aud) in days {
-            let f = fig(n, secs, comp, aud);
-            match (gd, gv) {
-                (1, 1) => total = f,
-                (0, 1) => {
-                    if let Some(d) = d {
-                        by_day.insert(d, f);
-                    }
-                }
-                (1, 0) => push_video(vf, vid, f),
-                _ => {}
-            }
-        }
-        for (gp, p, e, n, secs, comp, aud) in breakdowns {
-            let f = fig(n, secs, comp, aud);
-            if gp == 0 {
-                by_period.insert(p.unwrap_or_default(), f);
-            } else {
-                by_event.insert(e.unwrap_or_default(), f);
-            }
-        }
-    } else {
-        let groups_sql = if q.site_id.is_some() {
-            GROUPS_SQL
-                .replace("{SRC}", "sponsor_daily_stats")
-                .replace("{SITE}", "AND t.site_id = $7")
-        } else {
-            GROUPS_SQL
-                .replace("{SRC}", "analytics_video_daily")
-                .replace("{SITE}", "")
-        };
-        let mut groups_q = sqlx::query_as::<_, GroupRow>(&groups_sql)
+    let sites: Vec<SiteRow>;
+    if let Some(site) = &q.site_id {
+        let groups = sqlx::query_as::<_, GroupRow>(SITE_GROUPS_SQL)
             .bind(&att.filenames)
             .bind(&att.video_ids)
             .bind(q.from)
             .bind(q.to)
             .bind(&period)
-            .bind(&event_type);
-        if let Some(s) = &q.site_id {
-            groups_q = groups_q.bind(s);
-        }
-        let (groups, s) = tokio::try_join!(groups_q.fetch_all(pool), sites_q.fetch_all(pool))?;
-        sites = s;
+            .bind(&event_type)
+            .bind(site);
+        let name = sqlx::query_scalar::<_, Option<String>>("SELECT name FROM sites WHERE site_id = $1").bind(site);
+        let (groups, name) = tokio::try_join!(groups.fetch_all(pool), name.fetch_optional(pool))?;
         for (gp, ge, gd, gv, p, e, d, vf, vid, n, secs, comp, aud) in groups {
             let f = fig(n, secs, comp, aud);
             match (gp, ge, gd, gv) {
@@ -545,9 +448,75 @@ pub async fn compute(pool: &PgPool, cache: &AttributionCache, sponsor_id: &str, 
                         by_day.insert(d, f);
                     }
                 }
-                (1, 1, 1, 0) => push_video(vf, vid, f),
+                (1, 1, 1, 0) => push_video(vf.unwrap_or_default(), vid.unwrap_or_default(), f),
                 _ => {}
             }
+        }
+        sites = if total.impressions > 0 {
+            vec![(
+                site.clone(),
+                name.flatten(),
+                total.impressions,
+                total.screen_time_seconds,
+                total.completed,
+                total.audience,
+            )]
+        } else {
+            Vec::new()
+        };
+    } else {
+        let day_q = sqlx::query_as::<_, (NaiveDate, String, String, i64, f64, i64, i64)>(DAY_SQL)
+            .bind(sponsor_id)
+            .bind(q.from)
+            .bind(q.to)
+            .bind(&period)
+            .bind(&event_type);
+        let videos_q = sqlx::query_as::<_, (String, String, i64, f64, i64, i64)>(VIDEOS_SQL)
+            .bind(sponsor_id)
+            .bind(q.from)
+            .bind(q.to)
+            .bind(&period)
+            .bind(&event_type);
+        let sites_q = if period.is_none() && event_type.is_none() {
+            let b = site_buckets(q.from, q.to);
+            sqlx::query_as::<_, SiteRow>(SITES_SQL)
+                .bind(sponsor_id)
+                .bind(b.months)
+                .bind(b.weeks)
+                .bind(b.days)
+        } else {
+            let all = |v: &Option<String>, every: Vec<&str>| match v {
+                Some(v) => vec![v.clone()],
+                None => every.into_iter().map(str::to_owned).collect::<Vec<_>>(),
+            };
+            sqlx::query_as::<_, SiteRow>(SITES_DETAIL_SQL)
+                .bind(sponsor_id)
+                .bind(all(&period, Period::ALL.iter().map(|p| p.as_str()).collect()))
+                .bind(all(&event_type, EventType::ALL.iter().map(|e| e.as_str()).collect()))
+                .bind(q.from)
+                .bind(q.to)
+        };
+        let (days, vids, s) =
+            tokio::try_join!(day_q.fetch_all(pool), videos_q.fetch_all(pool), sites_q.fetch_all(pool))?;
+        sites = s;
+        let (mut t, mut per, mut ev, mut dy) = (
+            Acc::default(),
+            HashMap::<String, Acc>::new(),
+            HashMap::<String, Acc>::new(),
+            HashMap::<NaiveDate, Acc>::new(),
+        );
+        for (d, p, e, n, secs, comp, aud) in days {
+            t.add(n, secs, comp, aud);
+            per.entry(p).or_default().add(n, secs, comp, aud);
+            ev.entry(e).or_default().add(n, secs, comp, aud);
+            dy.entry(d).or_default().add(n, secs, comp, aud);
+        }
+        total = t.figures();
+        by_period = per.into_iter().map(|(k, a)| (k, a.figures())).collect();
+        by_event = ev.into_iter().map(|(k, a)| (k, a.figures())).collect();
+        by_day = dy.into_iter().map(|(k, a)| (k, a.figures())).collect();
+        for (vf, vid, n, secs, comp, aud) in vids {
+            push_video(vf, vid, Figures::new(n, secs, comp, aud));
         }
     }
     videos.sort_by(|a, b| {
@@ -653,6 +622,60 @@ mod tests {
             month_split(d("2026-02-01"), d("2026-02-28")),
             (d("2026-02-01"), d("2026-03-01"))
         );
+    }
+
+    #[test]
+    fn site_buckets_cover_the_range_once() {
+        // 2026-01-01 is a Thursday.
+        let b = site_buckets(d("2026-01-01"), d("2026-12-31"));
+        assert_eq!(b.months.len(), 12);
+        assert!(b.weeks.is_empty() && b.days.is_empty());
+        let b = site_buckets(d("2026-01-15"), d("2026-03-10"));
+        assert_eq!(b.months, [d("2026-02-01")]);
+        // 15..18 Jan days (Thu..Sun), the week of 19 Jan, 26..31 Jan days (the
+        // week of 26 Jan ends in February); then 1..10 March: 2 Mar is a
+        // Monday: day 1, the week of 2 Mar, days 9, 10.
+        assert_eq!(b.weeks, [d("2026-01-19"), d("2026-03-02")]);
+        let days: Vec<String> = b.days.iter().map(|x| x.format("%m-%d").to_string()).collect();
+        assert_eq!(
+            days,
+            [
+                "01-15", "01-16", "01-17", "01-18", "01-26", "01-27", "01-28", "01-29", "01-30", "01-31", "03-01",
+                "03-09", "03-10"
+            ]
+        );
+        // Every day of many ranges covered exactly once; few days left.
+        for (a, len) in [
+            ("2025-11-24", 365),
+            ("2026-02-07", 40),
+            ("2026-05-31", 1),
+            ("2026-06-03", 6),
+        ] {
+            let from = d(a);
+            let to = from + Days::new(len - 1);
+            let b = site_buckets(from, to);
+            let mut covered = std::collections::BTreeMap::new();
+            for m in &b.months {
+                let mut x = *m;
+                while x.month() == m.month() {
+                    *covered.entry(x).or_insert(0) += 1;
+                    x = x.succ_opt().unwrap();
+                }
+            }
+            for w in &b.weeks {
+                assert_eq!(w.weekday(), chrono::Weekday::Mon);
+                for i in 0..7 {
+                    *covered.entry(*w + Days::new(i)).or_insert(0) += 1;
+                }
+            }
+            for x in &b.days {
+                *covered.entry(*x).or_insert(0) += 1;
+            }
+            let want: std::collections::BTreeMap<_, _> =
+                from.iter_days().take_while(|x| *x <= to).map(|x| (x, 1)).collect();
+            assert_eq!(covered, want, "{a} +{len}");
+            assert!(b.days.len() <= 24, "{a} +{len}: {} days", b.days.len());
+        }
     }
 
     #[test]

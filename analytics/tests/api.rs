@@ -38,6 +38,7 @@ async fn stats_equal_raw_rows_for_ranges_filters_late_plays_and_catalogue_change
         ("2026-09-01", "2026-10-31"), // exactly two whole months
         ("2026-09-14", "2026-10-03"), // mid-month to mid-month
         ("2026-10-05", "2026-10-05"), // a single day
+        ("2026-08-27", "2026-10-12"), // days + ISO weeks + a whole month + weeks + days
     ];
     for sponsor in ["coca-cola", "adidas"] {
         for (a, b) in ranges {
@@ -166,18 +167,188 @@ async fn stats_equal_raw_rows_for_ranges_filters_late_plays_and_catalogue_change
     assert_eq!(r.status(), 204);
     check(&app, &plays, "coca-cola", &f, "coca-cola after deleting the rule").await;
 
-    // The rollups equal a full rebuild from sponsor_daily_stats.
-    let diff: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (
-           SELECT video_filename, video_id, day, period, event_type, sum(impressions)::int8, sum(completed_count)::int8, sum(audience_sum)::int8
-           FROM sponsor_daily_stats GROUP BY 1,2,3,4,5
-           EXCEPT SELECT video_filename, video_id, day, period, event_type, impressions, completed_count, audience_sum
-           FROM analytics_video_daily WHERE impressions <> 0) x",
+    // A video nobody owned (club_intro.mp4) becomes attributed when a
+    // matching rule is added later: its past plays move to the sponsor.
+    let r = app
+        .post_json("/api/sponsors/adidas/videos", json!({"filename_pattern": "club_*"}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let s = check(
+        &app,
+        &plays,
+        "adidas",
+        &f,
+        "adidas after a rule for an unattributed video",
+    )
+    .await;
+    assert!(s["top_videos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["video_filename"] == "club_intro.mp4"));
+
+    // A catalogue change made directly in SQL (not through the API) is seen too:
+    // the explicit cc-2 moves to adidas.
+    sqlx::query("UPDATE videos SET sponsor_id = 'adidas' WHERE video_id = 'cc-2'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for sponsor in ["adidas", "coca-cola"] {
+        check(&app, &plays, sponsor, &f, &format!("{sponsor} after a change in SQL")).await;
+        let f2 = Filter {
+            from: day("2026-09-14"),
+            to: day("2026-10-03"),
+            site_id: None,
+            event_type: None,
+            period: Some("loop"),
+        };
+        check(
+            &app,
+            &plays,
+            sponsor,
+            &f2,
+            &format!("{sponsor} loop after a change in SQL"),
+        )
+        .await;
+    }
+
+    // ... and one made by the CSV import (moves the club_* rule to coca-cola).
+    let r = app
+        .client
+        .post(format!("{}/api/catalogue/import", app.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "text/csv")
+        .body("sponsor_id,sponsor_name,video_id,filename_pattern\ncoca-cola,Coca-Cola,,club_*\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for sponsor in ["adidas", "coca-cola"] {
+        check(&app, &plays, sponsor, &f, &format!("{sponsor} after the CSV import")).await;
+    }
+
+    // A video first played after its rule exists is attributed on arrival,
+    // including late plays into past days.
+    let mut fresh = random_plays(123, 300, day("2026-09-25"), 12, 5);
+    for (i, p) in fresh.iter_mut().enumerate() {
+        p.video_id = None;
+        p.video_filename = if i % 2 == 0 {
+            "sponsor_adidas_new_spot.mp4".into()
+        } else {
+            "sponsor_coca_cola_new_spot.mp4".into()
+        };
+    }
+    ingest_like_ingestor(&pool, &fresh).await;
+    plays.extend(fresh);
+    for sponsor in ["adidas", "coca-cola"] {
+        check(&app, &plays, sponsor, &f, &format!("{sponsor} after new videos")).await;
+        let f2 = Filter {
+            from: day("2026-09-20"),
+            to: day("2026-10-10"),
+            site_id: None,
+            event_type: Some("tournament"),
+            period: None,
+        };
+        check(
+            &app,
+            &plays,
+            sponsor,
+            &f2,
+            &format!("{sponsor} tournament after new videos"),
+        )
+        .await;
+    }
+
+    // Deleting a sponsor unattributes its plays (its rules cascade).
+    sqlx::query("DELETE FROM sponsors WHERE id = 'adidas'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    check(&app, &plays, "coca-cola", &f, "coca-cola after deleting adidas").await;
+    let gone: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(impressions), 0)::int8 FROM sponsor_stats_daily WHERE sponsor_id = 'adidas'",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(diff, 0);
+    assert_eq!(gone, 0);
+
+    // The rollups and the map equal a recomputation from sponsor_daily_stats
+    // with sponsor_of() (independent of video_attribution), and a rebuild
+    // changes nothing.
+    assert_rollups_exact(&pool).await;
+    sqlx::query("SELECT sponsor_rollups_rebuild()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_rollups_exact(&pool).await;
+    check(&app, &plays, "coca-cola", &f, "coca-cola after a rebuild").await;
+}
+
+async fn assert_rollups_exact(pool: &PgPool) {
+    let att = "(SELECT video_filename, video_id, sponsor_of(nullif(video_id, ''), video_filename) AS sponsor_id
+                FROM (SELECT DISTINCT video_filename, video_id FROM sponsor_daily_stats) v)";
+    let map_diff: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM (
+           (SELECT * FROM {att} a EXCEPT SELECT video_filename, video_id, sponsor_id FROM video_attribution)
+           UNION ALL
+           (SELECT video_filename, video_id, sponsor_id FROM video_attribution EXCEPT SELECT * FROM {att} a)) x"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(map_diff, 0, "video_attribution");
+    for (table, key, expr) in [
+        (
+            "sponsor_stats_daily",
+            "day, period, event_type",
+            "day, period, event_type",
+        ),
+        (
+            "sponsor_video_daily",
+            "day, video_filename, video_id, period, event_type",
+            "day, s.video_filename, s.video_id, period, event_type",
+        ),
+        (
+            "sponsor_site_monthly",
+            "month, site_id",
+            "date_trunc('month', day::timestamp)::date, site_id",
+        ),
+        (
+            "sponsor_site_weekly",
+            "week, site_id",
+            "date_trunc('week', day::timestamp)::date, site_id",
+        ),
+        ("sponsor_site_daily", "day, site_id", "day, site_id"),
+        (
+            "sponsor_site_daily_detail",
+            "period, event_type, day, site_id",
+            "period, event_type, day, site_id",
+        ),
+    ] {
+        let sql = format!(
+            "WITH want AS (
+               SELECT a.sponsor_id, {expr}, sum(impressions)::int8 AS n, sum(completed_count)::int8 AS c,
+                      sum(audience_sum)::int8 AS au, round(sum(seconds_played)::numeric, 3) AS secs
+               FROM sponsor_daily_stats s JOIN {att} a
+                 ON a.video_filename = s.video_filename AND a.video_id = s.video_id
+               WHERE a.sponsor_id IS NOT NULL GROUP BY 1, {expr}),
+             got AS (
+               SELECT sponsor_id, {key}, impressions, completed_count, audience_sum,
+                      round(seconds_played::numeric, 3) FROM {table} WHERE impressions <> 0)
+             SELECT (SELECT count(*) FROM (SELECT * FROM want EXCEPT SELECT * FROM got) x)
+                  + (SELECT count(*) FROM (SELECT * FROM got EXCEPT SELECT * FROM want) y)"
+        );
+        let diff: i64 = sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap();
+        assert_eq!(diff, 0, "{table} equals its recomputation");
+        let zero_with_figures: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {table} WHERE impressions = 0 AND (completed_count <> 0 OR audience_sum <> 0)"
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(zero_with_figures, 0, "{table}: emptied rows are all zero");
+    }
 }
 
 #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
