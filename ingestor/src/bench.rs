@@ -48,8 +48,9 @@ pub struct BenchArgs {
     /// Sites (edges) they come from.
     #[arg(long, default_value_t = 100)]
     pub sites: usize,
-    /// Impressions per envelope (MQTT message).
-    #[arg(long, default_value_t = 200)]
+    /// Impressions per envelope (MQTT message); the edge's default
+    /// `batch_max_impressions`.
+    #[arg(long, default_value_t = 500)]
     pub per_message: usize,
     /// Envelopes published but not yet confirmed by a receipt, at most.
     #[arg(long, default_value_t = 400)]
@@ -366,9 +367,49 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
         copy.send(buf.as_bytes()).await?;
     }
     let copied = copy.finish().await?;
-    let copy_s = t1.elapsed().as_secs_f64();
+    let text_s = t1.elapsed().as_secs_f64();
     anyhow::ensure!(copied as usize == args.impressions, "COPY wrote {copied} rows");
+
+    // Same again in the binary format (what the ingestor itself sends);
+    // the baseline is the faster of the two.
+    sqlx::query("TRUNCATE sponsor_impressions, sponsor_daily_stats")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("CHECKPOINT").execute(&mut conn).await.ok();
+    let t2 = Instant::now();
+    let mut copy = conn.copy_in_raw(&crate::copy::copy_statement()).await?;
+    for r in 0..rounds {
+        let mut buf = crate::copy::CopyBuffer::with_rows(args.per_message * chunks.len());
+        for c in &chunks {
+            if let Some(chunk) = c.get(r) {
+                for i in chunk.iter() {
+                    buf.push(i, Some(batch));
+                }
+            }
+        }
+        // One COPY stream: the header once, no trailer until the end.
+        let bytes = buf.finish();
+        let body = if r == 0 {
+            &bytes[..bytes.len() - 2]
+        } else {
+            &bytes[19..bytes.len() - 2]
+        };
+        copy.send(body).await?;
+    }
+    copy.send(&(-1i16).to_be_bytes()[..]).await?;
+    let copied = copy.finish().await?;
+    let binary_s = t2.elapsed().as_secs_f64();
+    anyhow::ensure!(copied as usize == args.impressions, "binary COPY wrote {copied} rows");
     conn.close().await.ok();
+    let copy_s = text_s.min(binary_s);
+    println!(
+        "bench: baseline COPY of the same {} rows, one stream: text {:.2} s ({:.0} rows/s), binary {:.2} s ({:.0} rows/s); the faster is the baseline",
+        args.impressions,
+        text_s,
+        args.impressions as f64 / text_s,
+        binary_s,
+        args.impressions as f64 / binary_s
+    );
 
     let ingest_rate = args.impressions as f64 / ingest_s;
     let copy_rate = args.impressions as f64 / copy_s;

@@ -27,6 +27,7 @@
 //! batching, acks), [`http`] (endpoints), [`bench`] (the benchmark command).
 
 pub mod bench;
+pub mod copy;
 pub mod decode;
 pub mod http;
 pub mod pipeline;

@@ -139,6 +139,7 @@ async fn run_subscriber(
     let mut msg_no: u64 = 0;
     let mut pending: VecDeque<PendingAck> = VecDeque::new();
     let mut open: Option<OpenBatch> = None;
+    let mut sealed: VecDeque<OpenBatch> = VecDeque::new();
     let mut in_flight: usize = 0;
     let mut receipts_out: VecDeque<(String, Vec<u8>)> = VecDeque::new();
     let mut draining = false;
@@ -246,7 +247,7 @@ async fn run_subscriber(
                     }
                 }
             }
-            () = async { tokio::time::sleep_until(seal_at.unwrap_or_else(tokio::time::Instant::now)).await }, if seal_at.is_some() && in_flight < settings.writers => {}
+            () = async { tokio::time::sleep_until(seal_at.unwrap_or_else(tokio::time::Instant::now)).await }, if seal_at.is_some() && in_flight + sealed.len() < settings.writers => {}
             () = shutdown.cancelled(), if !draining => {
                 draining = true;
                 drain_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(settings.drain_deadline_secs));
@@ -260,18 +261,23 @@ async fn run_subscriber(
             }
         }
 
-        // Seal the open batch when a writer is free and it is full, old, or
-        // the pipeline is idle.
-        if in_flight < settings.writers {
-            if let Some(b) = &open {
-                let full = b.msgs.len() >= settings.batch_max_messages || b.rows >= settings.batch_max_rows;
-                let old = b.opened.elapsed() >= max_age;
-                if full || old || (in_flight == 0 && settings.seal_when_idle) || draining {
-                    let b = open.take().expect("checked");
-                    in_flight += 1;
-                    spawn_batch(&settings, &topics, &pool, &health, b, done_tx.clone());
-                }
+        // Seal the open batch when it is full (whether or not a writer is
+        // free: batches stay bounded, so the writers alternate on similar
+        // sizes and the last one of a burst is small), or, when a writer is
+        // free, when it is old or the pipeline is idle. Sealed batches wait
+        // in arrival order for a writer.
+        if let Some(b) = &open {
+            let full = b.msgs.len() >= settings.batch_max_messages || b.rows >= settings.batch_max_rows;
+            let free = in_flight + sealed.len() < settings.writers;
+            let old = b.opened.elapsed() >= max_age;
+            if full || (free && (old || (in_flight == 0 && settings.seal_when_idle) || draining)) {
+                sealed.push_back(open.take().expect("checked"));
             }
+        }
+        while in_flight < settings.writers {
+            let Some(b) = sealed.pop_front() else { break };
+            in_flight += 1;
+            spawn_batch(&settings, &topics, &pool, &health, b, done_tx.clone());
         }
 
         // Receipts (they follow the commit) to their own connection, then
@@ -306,6 +312,7 @@ async fn run_subscriber(
         if draining
             && !disconnect_sent
             && open.is_none()
+            && sealed.is_empty()
             && in_flight == 0
             && pending.iter().all(|p| p.generation != generation)
             && receipts_out.is_empty()

@@ -7,11 +7,15 @@
 //!    rollup days touched, so that `calculate_sponsor_daily_stats(day)` never
 //!    interleaves with an increment (protocol of migration `..._rollups.sql`);
 //! 2. dead letters (`impressions_rejected`), one `INSERT ... SELECT FROM UNNEST`;
-//! 3. one statement that inserts the rows (`INSERT ... SELECT FROM UNNEST(...)
-//!    ON CONFLICT DO NOTHING RETURNING`), aggregates exactly the rows that were
-//!    new and upserts them into `sponsor_daily_stats` in key order (concurrent
-//!    writers lock rollup rows in the same order: no deadlock between our own
-//!    writers; 40P01/40001 are still retried as transient);
+//! 3. the rows: by default an optimistic binary `COPY` straight into the
+//!    partitioned table ([`crate::copy`]; the bulk of the work, done
+//!    concurrently by the pipelined writers), then, under the rollup-section
+//!    lock ([`ROLLUP_SECTION_LOCK`], held until COMMIT), one upsert of the
+//!    batch's aggregates into `sponsor_daily_stats` in key order. If a row
+//!    already exists the COPY fails as a whole (unique violation), the
+//!    transaction is void, and it is redone with `INSERT ... SELECT FROM
+//!    UNNEST(...) ON CONFLICT DO NOTHING RETURNING`, aggregating exactly the
+//!    rows that were new into the same upsert, in one statement;
 //! 4. `sites.last_seen_at`, only for sites not seen in the last few seconds
 //!    (a hot `sites` row would otherwise serialise the pipelined writers);
 //! 5. `COMMIT`.
@@ -30,7 +34,6 @@
 //!   the whole call (already committed parts are then absorbed as duplicates).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -300,10 +303,20 @@ async fn write_part(
         method = InsertMethod::Unnest;
     }
     let new = loop {
+        let t0 = std::time::Instant::now();
         let mut tx = pool.begin().await?;
+        let t_begin = t0.elapsed();
         match write_in(&mut tx, method, set, rows, dead, sites, extra).await {
             Ok(new) => {
+                let t_write = t0.elapsed();
                 tx.commit().await?;
+                tracing::debug!(
+                    rows = rows.len(),
+                    begin_ms = t_begin.as_secs_f64() * 1e3,
+                    write_ms = (t_write - t_begin).as_secs_f64() * 1e3,
+                    commit_ms = (t0.elapsed() - t_write).as_secs_f64() * 1e3,
+                    "batch committed"
+                );
                 break new;
             }
             Err(sqlx::Error::Database(e)) if method == InsertMethod::Copy && e.code().as_deref() == Some("23505") => {
@@ -364,8 +377,17 @@ async fn write_in(
         insert_dead(conn, &dls).await?;
     }
     if !sent.is_empty() && method == InsertMethod::Copy {
+        let t0 = std::time::Instant::now();
         copy_rows(conn, set, &sent).await?;
+        let t_copy = t0.elapsed();
+        lock_rollup_section(conn).await?;
         upsert_rollup(conn, set, &sent).await?;
+        tracing::debug!(
+            rows = sent.len(),
+            copy_ms = t_copy.as_secs_f64() * 1e3,
+            rollup_ms = (t0.elapsed() - t_copy).as_secs_f64() * 1e3,
+            "copy and rollup"
+        );
         new_rows = sent;
     } else if !sent.is_empty() {
         let n = sent.len();
@@ -401,6 +423,7 @@ async fn write_in(
             audience.push(imp.audience_estimate);
             batch.push(r.batch_id);
         }
+        lock_rollup_section(conn).await?;
         let returned: Vec<Uuid> = sqlx::query_scalar(INSERT_ROWS)
             .bind(&ids)
             .bind(&site)
@@ -437,6 +460,30 @@ async fn write_in(
     Ok(new_rows)
 }
 
+/// Advisory-lock class of the rollup section (`'nepp'`; the day locks of
+/// `lock_rollup_days_shared` use `'nepo'`).
+pub const ROLLUP_SECTION_LOCK: (i32, i32) = (1_852_143_728, 0);
+
+/// Takes the transaction-scoped lock that serialises the rollup section of
+/// concurrent writers (held until COMMIT or ROLLBACK).
+///
+/// Why: every batch increments hot rows (the same site-days and, through the
+/// analytics triggers on `sponsor_daily_stats`, the same sponsor/video days).
+/// Two writers updating overlapping hot rows through the INSERT and then the
+/// UPDATE statement triggers lock them in two passes, which can deadlock, and
+/// PostgreSQL only detects that after `deadlock_timeout` (1 s by default). The
+/// bulk of a batch, its COPY, runs before this lock, concurrently; only the
+/// short rollup statements and the commit are serialised, which is what row
+/// locks on hot rows would serialise anyway.
+async fn lock_rollup_section(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(ROLLUP_SECTION_LOCK.0)
+        .bind(ROLLUP_SECTION_LOCK.1)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 async fn insert_dead(conn: &mut PgConnection, dls: &[&DeadLetter]) -> Result<(), sqlx::Error> {
     let source: Vec<&str> = dls.iter().map(|d| d.source.as_str()).collect();
     let topic: Vec<Option<String>> = dls.iter().map(|d| d.topic.as_deref().map(sanitize)).collect();
@@ -471,76 +518,13 @@ pub async fn create_partitions_ahead(pool: &PgPool, months: i32) -> Result<i32, 
         .await
 }
 
-const COPY_ROWS: &str = "COPY sponsor_impressions (impression_id, site_id, seq, video_id, video_filename, played_at, \
-     duration_played, video_duration, completed, event_type, period, trigger_type, audience_estimate, batch_id) FROM STDIN";
-
-/// Appends `s` escaped for COPY's text format.
-fn copy_text(buf: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '\\' => buf.push_str("\\\\"),
-            '\t' => buf.push_str("\\t"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            c => buf.push(c),
-        }
-    }
-}
-
-/// Encodes rows in COPY text format (one line per row).
-pub fn encode_copy(set: &WriteSet, rows: &[usize], buf: &mut String) {
-    for &i in rows {
-        let r = &set.rows[i];
-        let imp = &r.imp;
-        let _ = write!(buf, "{}\t", imp.impression_id);
-        copy_text(buf, &imp.site_id);
-        buf.push('\t');
-        match imp.seq {
-            Some(s) => {
-                let _ = write!(buf, "{s}");
-            }
-            None => buf.push_str("\\N"),
-        }
-        buf.push('\t');
-        match &imp.video_id {
-            Some(v) => copy_text(buf, v),
-            None => buf.push_str("\\N"),
-        }
-        buf.push('\t');
-        copy_text(buf, &imp.video_filename);
-        let _ = write!(
-            buf,
-            "\t{}\t{:?}\t{:?}\t{}\t{}\t{}\t{}\t",
-            imp.played_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
-            imp.duration_played,
-            imp.video_duration,
-            if imp.completed { 't' } else { 'f' },
-            imp.event_type.as_str(),
-            imp.period.as_str(),
-            imp.trigger_type.as_str(),
-        );
-        match imp.audience_estimate {
-            Some(a) => {
-                let _ = write!(buf, "{a}");
-            }
-            None => buf.push_str("\\N"),
-        }
-        buf.push('\t');
-        match r.batch_id {
-            Some(b) => {
-                let _ = write!(buf, "{b}");
-            }
-            None => buf.push_str("\\N"),
-        }
-        buf.push('\n');
-    }
-}
-
 async fn copy_rows(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> Result<(), sqlx::Error> {
-    let mut buf = String::with_capacity(rows.len() * 220);
-    encode_copy(set, rows, &mut buf);
-    let mut copy = conn.copy_in_raw(COPY_ROWS).await?;
-    copy.send(buf.as_bytes()).await?;
+    let mut buf = crate::copy::CopyBuffer::with_rows(rows.len());
+    for &i in rows {
+        buf.push(&set.rows[i].imp, set.rows[i].batch_id);
+    }
+    let mut copy = conn.copy_in_raw(&crate::copy::copy_statement()).await?;
+    copy.send(buf.finish()).await?;
     copy.finish().await?;
     Ok(())
 }

@@ -295,6 +295,14 @@ pub struct DecodedBatch {
 /// fails is the payload re-read as loose JSON to find which impressions are
 /// bad, so one bad impression never costs its batch.
 pub fn decode_envelope(topic_site: &str, payload: &[u8], now: DateTime<Utc>) -> Result<DecodedBatch, RejectedEnvelope> {
+    // Fast path, the steady state: one typed parse of a well-formed envelope
+    // of our version and site (then each impression is validated). Anything
+    // else takes the careful path below, which reports the precise reason.
+    if let Ok(env) = serde_json::from_slice::<BatchEnvelope<Impression>>(payload) {
+        if env.v == PAYLOAD_VERSION && env.site_id == topic_site {
+            return Ok(split_typed(topic_site, env, now));
+        }
+    }
     let header: EnvelopeHeader = match serde_json::from_slice(payload) {
         Ok(h) => h,
         Err(e) => {
@@ -334,7 +342,7 @@ pub fn decode_envelope(topic_site: &str, payload: &[u8], now: DateTime<Utc>) -> 
         None => return Err(reject(EnvelopeError::Invalid("missing field \"site_id\"".into()))),
     }
 
-    let split = |env: BatchEnvelope<Value>, typed: Option<Vec<Impression>>| -> DecodedBatch {
+    let split = |env: BatchEnvelope<Value>| -> DecodedBatch {
         let ctx = ParseContext {
             site_id: Some(topic_site),
             now,
@@ -355,34 +363,12 @@ pub fn decode_envelope(topic_site: &str, payload: &[u8], now: DateTime<Utc>) -> 
                 errors: errors.into_iter().map(|e| e.at(index)).collect(),
             }),
         };
-        match typed {
-            Some(list) => {
-                for (index, imp) in list.into_iter().enumerate() {
-                    let res = if imp.site_id != topic_site {
-                        Err(vec![FieldError::new(
-                            "site_id",
-                            format!("'{}' differs from the topic's site '{topic_site}'", imp.site_id),
-                        )])
-                    } else {
-                        imp.validate(now).map(|()| imp.clone())
-                    };
-                    let raw = if res.is_err() {
-                        serde_json::to_value(&imp).unwrap_or(Value::Null)
-                    } else {
-                        Value::Null
-                    };
-                    push(index, raw, res);
-                }
-            }
-            None => {
-                for (index, raw) in env.impressions.into_iter().enumerate() {
-                    let res = parse_impression(&raw, &ctx).and_then(|i| match i.seq {
-                        Some(_) => Ok(i),
-                        None => Err(vec![FieldError::new("seq", "is required in an envelope")]),
-                    });
-                    push(index, raw, res);
-                }
-            }
+        for (index, raw) in env.impressions.into_iter().enumerate() {
+            let res = parse_impression(&raw, &ctx).and_then(|i| match i.seq {
+                Some(_) => Ok(i),
+                None => Err(vec![FieldError::new("seq", "is required in an envelope")]),
+            });
+            push(index, raw, res);
         }
         DecodedBatch {
             site_id: topic_site.to_owned(),
@@ -395,22 +381,50 @@ pub fn decode_envelope(topic_site: &str, payload: &[u8], now: DateTime<Utc>) -> 
         }
     };
 
-    if let Ok(env) = serde_json::from_slice::<BatchEnvelope<Impression>>(payload) {
-        let typed = env.impressions;
-        let shell = BatchEnvelope::<Value> {
-            v: env.v,
-            site_id: env.site_id,
-            outbox_id: env.outbox_id,
-            batch_id: env.batch_id,
-            seq: env.seq,
-            sent_at: env.sent_at,
-            impressions: Vec::new(),
-        };
-        return Ok(split(shell, Some(typed)));
-    }
+    // Version and site are right but the typed parse failed: some impression
+    // is malformed; parse them one by one to refuse only the bad ones.
     match serde_json::from_slice::<BatchEnvelope<Value>>(payload) {
-        Ok(env) => Ok(split(env, None)),
+        Ok(env) => Ok(split(env)),
         Err(e) => Err(reject(EnvelopeError::Invalid(e.to_string()))),
+    }
+}
+
+/// The checks of a typed impression of an envelope of `topic_site`.
+fn check_typed(topic_site: &str, imp: &Impression, now: DateTime<Utc>) -> Result<(), Vec<FieldError>> {
+    if imp.site_id != topic_site {
+        return Err(vec![FieldError::new(
+            "site_id",
+            format!("'{}' differs from the topic's site '{topic_site}'", imp.site_id),
+        )]);
+    }
+    imp.validate(now)
+}
+
+/// Splits a typed envelope (version and site already checked) into valid
+/// and refused impressions, moving the valid ones.
+fn split_typed(topic_site: &str, env: BatchEnvelope<Impression>, now: DateTime<Utc>) -> DecodedBatch {
+    let mut valid = Vec::with_capacity(env.impressions.len());
+    let mut rejected = Vec::new();
+    for (index, imp) in env.impressions.into_iter().enumerate() {
+        match check_typed(topic_site, &imp, now) {
+            Ok(()) => valid.push(imp),
+            Err(errors) => rejected.push(RejectedImpression {
+                index,
+                impression_id: Some(imp.impression_id),
+                seq: imp.seq,
+                raw: serde_json::to_value(&imp).unwrap_or(Value::Null),
+                errors: errors.into_iter().map(|e| e.at(index)).collect(),
+            }),
+        }
+    }
+    DecodedBatch {
+        site_id: topic_site.to_owned(),
+        outbox_id: env.outbox_id,
+        batch_id: env.batch_id,
+        seq: env.seq,
+        sent_at: env.sent_at,
+        valid,
+        rejected,
     }
 }
 

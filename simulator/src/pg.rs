@@ -14,7 +14,7 @@
 //! e2e / COPY compares our pipeline against the best a loader could do.
 
 use anyhow::{bail, Context};
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use schema::Impression;
 use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::{ConnectOptions, Connection, Row};
@@ -121,11 +121,6 @@ impl CopyRun {
     }
 }
 
-/// The columns both the ingestor and the baseline fill (`received_at` takes
-/// its default in both).
-const COPY_COLUMNS: &str = "impression_id, site_id, seq, video_id, video_filename, played_at, duration_played, \
-     video_duration, completed, event_type, period, trigger_type, audience_estimate, batch_id";
-
 /// Truncates `sponsor_impressions`, then COPYs `rows` into it (binary format,
 /// one COPY per `chunk` rows on one connection, each its own transaction, as
 /// a loader would) and returns the rows/s. The clock covers encoding and the
@@ -136,11 +131,14 @@ pub async fn copy_baseline(pool: &PgPool, rows: &[&Impression], chunk: usize) ->
     let batch_id = Uuid::now_v7();
     let start = Instant::now();
     for part in rows.chunks(chunk.max(1)) {
-        let buf = encode_binary_copy(part, batch_id);
+        // The ingestor's own encoder: the same bytes it sends.
+        let mut buf = ingestor::copy::CopyBuffer::with_rows(part.len());
+        for r in part {
+            buf.push(r, Some(batch_id));
+        }
+        let buf = buf.finish();
         let mut copy = conn
-            .copy_in_raw(&format!(
-                "COPY sponsor_impressions ({COPY_COLUMNS}) FROM STDIN (FORMAT binary)"
-            ))
+            .copy_in_raw(&ingestor::copy::copy_statement())
             .await
             .context("starting COPY")?;
         copy.send(buf).await.context("sending COPY data")?;
@@ -157,56 +155,6 @@ pub async fn copy_baseline(pool: &PgPool, rows: &[&Impression], chunk: usize) ->
         rows: rows.len() as u64,
         elapsed,
     })
-}
-
-/// PostgreSQL's binary COPY encoding of impressions (columns as [`COPY_COLUMNS`]).
-/// Format: signature, flags, header extension, then per tuple a field count
-/// and (length, bytes) per field (-1 = NULL), then a -1 trailer; integers
-/// big-endian, timestamps as microseconds since 2000-01-01 UTC.
-pub fn encode_binary_copy(rows: &[&Impression], batch_id: Uuid) -> Vec<u8> {
-    let pg_epoch_us = Utc
-        .with_ymd_and_hms(2000, 1, 1, 0, 0, 0)
-        .single()
-        .map_or(946_684_800_000_000, |t| t.timestamp_micros());
-    let mut b = Vec::with_capacity(rows.len() * 200 + 32);
-    b.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    b.extend_from_slice(&0i32.to_be_bytes());
-    b.extend_from_slice(&0i32.to_be_bytes());
-    fn field(b: &mut Vec<u8>, bytes: &[u8]) {
-        b.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
-        b.extend_from_slice(bytes);
-    }
-    fn null(b: &mut Vec<u8>) {
-        b.extend_from_slice(&(-1i32).to_be_bytes());
-    }
-    for r in rows {
-        b.extend_from_slice(&14i16.to_be_bytes());
-        field(&mut b, r.impression_id.as_bytes());
-        field(&mut b, r.site_id.as_bytes());
-        match r.seq {
-            Some(s) => field(&mut b, &s.to_be_bytes()),
-            None => null(&mut b),
-        }
-        match &r.video_id {
-            Some(v) => field(&mut b, v.as_bytes()),
-            None => null(&mut b),
-        }
-        field(&mut b, r.video_filename.as_bytes());
-        field(&mut b, &(r.played_at.timestamp_micros() - pg_epoch_us).to_be_bytes());
-        field(&mut b, &r.duration_played.to_bits().to_be_bytes());
-        field(&mut b, &r.video_duration.to_bits().to_be_bytes());
-        field(&mut b, &[u8::from(r.completed)]);
-        field(&mut b, r.event_type.as_str().as_bytes());
-        field(&mut b, r.period.as_str().as_bytes());
-        field(&mut b, r.trigger_type.as_str().as_bytes());
-        match r.audience_estimate {
-            Some(a) => field(&mut b, &a.to_be_bytes()),
-            None => null(&mut b),
-        }
-        field(&mut b, batch_id.as_bytes());
-    }
-    b.extend_from_slice(&(-1i16).to_be_bytes());
-    b
 }
 
 /// One line of the per-sponsor summary.
