@@ -26,7 +26,7 @@
 //!
 //! Days are UTC days; `from` and `to` are inclusive.
 
-use crate::catalogue::{get_sponsor, Sponsor};
+use crate::catalogue::Sponsor;
 use crate::error::{ApiError, ApiResult};
 use chrono::{Datelike, Days, NaiveDate};
 use schema::impression::{EventType, Period};
@@ -222,6 +222,7 @@ pub struct Attributed {
 /// `video_attribution` (exact at every commit, whoever changed the
 /// catalogue).
 pub async fn attributed_videos(pool: &PgPool, sponsor_id: &str) -> ApiResult<Attributed> {
+    fold_pending(pool).await?;
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT video_filename, video_id FROM video_attribution WHERE sponsor_id = $1 ORDER BY 1, 2")
             .bind(sponsor_id)
@@ -229,6 +230,37 @@ pub async fn attributed_videos(pool: &PgPool, sponsor_id: &str) -> ApiResult<Att
             .await?;
     let (filenames, video_ids) = rows.into_iter().unzip();
     Ok(Attributed { filenames, video_ids })
+}
+
+/// Folds the rollups' queue of deltas (migration `20261201000030`) so that
+/// what is read next includes every write committed before this call.
+/// Writers only append deltas (cheap on the ingest path); the ingestor folds
+/// about once a second, so there is little or nothing left here (no lock is
+/// taken when the queue is empty).
+pub async fn fold_pending(pool: &PgPool) -> ApiResult<()> {
+    sqlx::query("SELECT sponsor_rollups_fold()").execute(pool).await?;
+    Ok(())
+}
+
+/// The sponsor (404 when unknown) and its played videos, in one round trip
+/// (a cold request opens fewer connections).
+async fn sponsor_and_videos(pool: &PgPool, sponsor_id: &str) -> ApiResult<(Sponsor, Attributed)> {
+    fold_pending(pool).await?;
+    let row: Option<(String, String, Vec<String>, Vec<String>)> = sqlx::query_as(
+        "SELECT s.id, s.name,
+                coalesce(array_agg(a.video_filename ORDER BY a.video_filename, a.video_id)
+                         FILTER (WHERE a.video_filename IS NOT NULL), '{}'),
+                coalesce(array_agg(a.video_id ORDER BY a.video_filename, a.video_id)
+                         FILTER (WHERE a.video_filename IS NOT NULL), '{}')
+         FROM sponsors s LEFT JOIN video_attribution a ON a.sponsor_id = s.id
+         WHERE s.id = $1 GROUP BY s.id, s.name",
+    )
+    .bind(sponsor_id)
+    .fetch_optional(pool)
+    .await?;
+    let (id, name, filenames, video_ids) =
+        row.ok_or_else(|| ApiError::NotFound(format!("unknown sponsor '{sponsor_id}'")))?;
+    Ok((Sponsor { id, name }, Attributed { filenames, video_ids }))
 }
 
 /// Totals, breakdowns and the daily series: one row per (day, period, event).
@@ -400,7 +432,7 @@ impl Acc {
 
 /// Computes the stats of `sponsor_id` (404 when unknown).
 pub async fn compute(pool: &PgPool, sponsor_id: &str, q: &StatsQuery) -> ApiResult<Stats> {
-    let (sponsor, att) = tokio::try_join!(get_sponsor(pool, sponsor_id), attributed_videos(pool, sponsor_id))?;
+    let (sponsor, att) = sponsor_and_videos(pool, sponsor_id).await?;
     let period = q.period.map(|p| p.as_str().to_owned());
     let event_type = q.event_type.map(|e| e.as_str().to_owned());
 

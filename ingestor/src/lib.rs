@@ -196,9 +196,15 @@ async fn maintenance(pool: PgPool, settings: Arc<Settings>, health: Arc<Health>,
     let mut probe = tokio::time::interval(Duration::from_secs(5));
     let mut daily = tokio::time::interval(Duration::from_secs(24 * 3600));
     daily.tick().await;
+    let fold_every = Duration::from_millis(settings.rollup_fold_interval_ms.max(1));
+    let mut fold = tokio::time::interval(fold_every);
+    fold.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
+            _ = fold.tick(), if settings.rollup_fold_interval_ms > 0 => {
+                store::fold_rollups(&pool).await;
+            }
             _ = probe.tick() => {
                 let ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();
                 health.db.store(ok, Ordering::Relaxed);

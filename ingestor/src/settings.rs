@@ -67,6 +67,10 @@ pub struct Settings {
     pub drain_deadline_secs: u64,
     /// Run the MQTT pipeline (off: HTTP endpoint only).
     pub mqtt_enabled: bool,
+    /// How often the per-sponsor analytics rollups are folded from their
+    /// queue of deltas (`sponsor_rollups_fold()`), in milliseconds; 0 = never
+    /// (readers still fold before they read).
+    pub rollup_fold_interval_ms: u64,
 }
 
 impl Default for Settings {
@@ -94,6 +98,7 @@ impl Default for Settings {
             http_body_limit_bytes: 16 * 1024 * 1024,
             drain_deadline_secs: 20,
             mqtt_enabled: true,
+            rollup_fold_interval_ms: 1000,
         }
     }
 }

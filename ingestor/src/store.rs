@@ -484,6 +484,27 @@ async fn lock_rollup_section(conn: &mut PgConnection) -> Result<(), sqlx::Error>
     Ok(())
 }
 
+/// Folds the analytics rollups' queue of deltas (`sponsor_rollups_fold()`,
+/// migration `20261201000030`): outside any ingest transaction, so that the
+/// per-sponsor rollups cost each batch only an append. Readers fold before
+/// reading, so this only keeps the queue short. Errors are logged; the next
+/// tick retries (nothing is lost: the queue is durable).
+pub async fn fold_rollups(pool: &PgPool) {
+    let t0 = std::time::Instant::now();
+    match sqlx::query_scalar::<_, i64>("SELECT sponsor_rollups_fold()")
+        .fetch_one(pool)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => {
+            metrics::counter!("ingestor_rollup_folded_total").increment(n as u64);
+            metrics::histogram!("ingestor_rollup_fold_seconds").record(t0.elapsed().as_secs_f64());
+            tracing::debug!(deltas = n, ms = t0.elapsed().as_secs_f64() * 1e3, "rollups folded");
+        }
+        Err(e) => tracing::warn!(error = %e, "folding the analytics rollups failed; retried at the next tick"),
+    }
+}
+
 async fn insert_dead(conn: &mut PgConnection, dls: &[&DeadLetter]) -> Result<(), sqlx::Error> {
     let source: Vec<&str> = dls.iter().map(|d| d.source.as_str()).collect();
     let topic: Vec<Option<String>> = dls.iter().map(|d| d.topic.as_deref().map(sanitize)).collect();

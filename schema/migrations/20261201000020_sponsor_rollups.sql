@@ -73,32 +73,32 @@ CREATE TABLE sponsor_stats_daily (
     impressions bigint NOT NULL, seconds_played double precision NOT NULL,
     completed_count bigint NOT NULL, audience_sum bigint NOT NULL,
     PRIMARY KEY (sponsor_id, day, period, event_type)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE sponsor_video_daily (
     sponsor_id text NOT NULL, day date NOT NULL, video_filename text NOT NULL, video_id text NOT NULL,
     period text NOT NULL, event_type text NOT NULL,
     impressions bigint NOT NULL, seconds_played double precision NOT NULL,
     completed_count bigint NOT NULL, audience_sum bigint NOT NULL,
     PRIMARY KEY (sponsor_id, day, video_filename, video_id, period, event_type)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE sponsor_site_monthly (
     sponsor_id text NOT NULL, month date NOT NULL, site_id text NOT NULL,
     impressions bigint NOT NULL, seconds_played double precision NOT NULL,
     completed_count bigint NOT NULL, audience_sum bigint NOT NULL,
     PRIMARY KEY (sponsor_id, month, site_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE sponsor_site_weekly (
     sponsor_id text NOT NULL, week date NOT NULL, site_id text NOT NULL,
     impressions bigint NOT NULL, seconds_played double precision NOT NULL,
     completed_count bigint NOT NULL, audience_sum bigint NOT NULL,
     PRIMARY KEY (sponsor_id, week, site_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE sponsor_site_daily (
     sponsor_id text NOT NULL, day date NOT NULL, site_id text NOT NULL,
     impressions bigint NOT NULL, seconds_played double precision NOT NULL,
     completed_count bigint NOT NULL, audience_sum bigint NOT NULL,
     PRIMARY KEY (sponsor_id, day, site_id)
-);
+) WITH (fillfactor = 70);
 -- period/event first: a filter on either is a set of contiguous index ranges
 -- (period = ANY(..) AND event_type = ANY(..) AND day BETWEEN ..).
 CREATE TABLE sponsor_site_daily_detail (
@@ -107,7 +107,11 @@ CREATE TABLE sponsor_site_daily_detail (
     impressions bigint NOT NULL, seconds_played double precision NOT NULL,
     completed_count bigint NOT NULL, audience_sum bigint NOT NULL,
     PRIMARY KEY (sponsor_id, period, event_type, day, site_id)
-);
+) WITH (fillfactor = 70);
+
+-- fillfactor 70 (tables above): every batch increments existing rows and no updated column
+-- is indexed, so with free space on the page PostgreSQL updates in place
+-- (HOT: no new index entry, dead versions pruned on the page).
 
 -- The fold: one statement that adds a signed delta relation `d` (sponsor_id,
 -- day, site_id, video_filename, video_id, period, event_type, impressions,
@@ -239,28 +243,42 @@ BEGIN
         $body$ $fn$,
         pg_temp.sponsor_fold_sql('', pg_temp.sponsor_delta_sql('old_rows', '-')));
 
-    -- Catalogue change: recompute the map, move the aggregates of the videos
-    -- whose sponsor changed (old sponsor -, new sponsor +), in one statement.
+    -- Catalogue change: recompute the map; when some videos changed sponsor,
+    -- update the map and move their aggregates (old sponsor -, new sponsor +)
+    -- in one statement. The moved videos are passed as arrays, so a change
+    -- that moves nothing (a title, a rule for videos never played) costs one
+    -- sponsor_of() pass over the map, and a move reads only the moved videos'
+    -- rows of sponsor_daily_stats (its (video_filename, day) index).
     EXECUTE format($fn$
         CREATE FUNCTION sponsor_rollups_on_catalogue() RETURNS trigger LANGUAGE plpgsql AS $body$
+        DECLARE
+            mv_files text[];
+            mv_ids text[];
+            mv_old text[];
+            mv_new text[];
         BEGIN
             LOCK TABLE sponsor_daily_stats IN SHARE ROW EXCLUSIVE MODE;
+            SELECT array_agg(video_filename ORDER BY video_filename, video_id),
+                   array_agg(video_id ORDER BY video_filename, video_id),
+                   array_agg(old_sponsor ORDER BY video_filename, video_id),
+                   array_agg(new_sponsor ORDER BY video_filename, video_id)
+              INTO mv_files, mv_ids, mv_old, mv_new
+            FROM (SELECT video_filename, video_id, sponsor_id AS old_sponsor,
+                         sponsor_of(nullif(video_id, ''), video_filename) AS new_sponsor
+                  FROM video_attribution) m
+            WHERE old_sponsor IS DISTINCT FROM new_sponsor;
+            IF mv_files IS NULL THEN RETURN NULL; END IF;
+            UPDATE video_attribution a SET sponsor_id = mv.new_sponsor
+            FROM unnest(mv_files, mv_ids, mv_new) AS mv(video_filename, video_id, new_sponsor)
+            WHERE a.video_filename = mv.video_filename AND a.video_id = mv.video_id;
             %s;
             RETURN NULL;
         END
         $body$ $fn$,
         pg_temp.sponsor_fold_sql($p$
-            m AS MATERIALIZED (
-                SELECT video_filename, video_id, sponsor_id AS old_sponsor,
-                       sponsor_of(nullif(video_id, ''), video_filename) AS new_sponsor
-                FROM video_attribution
-            ),
             mv AS MATERIALIZED (
-                SELECT * FROM m WHERE old_sponsor IS DISTINCT FROM new_sponsor
-            ),
-            u_map AS (
-                UPDATE video_attribution a SET sponsor_id = mv.new_sponsor
-                FROM mv WHERE a.video_filename = mv.video_filename AND a.video_id = mv.video_id
+                SELECT * FROM unnest(mv_files, mv_ids, mv_old, mv_new)
+                    AS u(video_filename, video_id, old_sponsor, new_sponsor)
             ), $p$, $d$
                 SELECT x.sponsor_id, s.day, s.site_id, s.video_filename, s.video_id, s.period, s.event_type,
                        x.sign * s.impressions AS impressions, x.sign * s.seconds_played AS seconds_played,

@@ -145,6 +145,13 @@ pub fn random_plays(seed: u64, n: usize, from: NaiveDate, days: i64, sites: usiz
 
 /// Inserts raw plays (the columns the ingestor writes).
 pub async fn insert_plays(pool: &PgPool, plays: &[Play]) {
+    let mut tx = pool.begin().await.unwrap();
+    insert_plays_tx(&mut tx, plays).await;
+    tx.commit().await.unwrap();
+}
+
+/// [`insert_plays`] inside the caller's transaction.
+pub async fn insert_plays_tx(tx: &mut sqlx::PgConnection, plays: &[Play]) {
     for chunk in plays.chunks(500) {
         let mut qb = sqlx::QueryBuilder::new(
             "INSERT INTO sponsor_impressions (impression_id, site_id, video_id, video_filename, played_at, \
@@ -164,7 +171,7 @@ pub async fn insert_plays(pool: &PgPool, plays: &[Play]) {
                 .push_bind("auto")
                 .push_bind(p.audience);
         });
-        qb.build().execute(pool).await.unwrap();
+        qb.build().execute(&mut *tx).await.unwrap();
     }
 }
 
@@ -184,7 +191,14 @@ pub async fn recompute_days(pool: &PgPool, plays: &[Play]) {
 /// transaction, add their aggregates to sponsor_daily_stats with
 /// INSERT ... ON CONFLICT DO UPDATE (increments).
 pub async fn ingest_like_ingestor(pool: &PgPool, plays: &[Play]) {
-    insert_plays(pool, plays).await;
+    let mut tx = pool.begin().await.unwrap();
+    insert_plays_tx(&mut tx, plays).await;
+    upsert_rollup_tx(&mut tx, plays).await;
+    tx.commit().await.unwrap();
+}
+
+/// The ingestor's rollup increment of `plays` (already inserted in `tx`).
+pub async fn upsert_rollup_tx(tx: &mut sqlx::PgConnection, plays: &[Play]) {
     let ids: Vec<uuid::Uuid> = plays.iter().map(|p| p.impression_id).collect();
     sqlx::query(
         "INSERT INTO sponsor_daily_stats (day, site_id, video_id, video_filename, period, event_type,
@@ -200,7 +214,7 @@ pub async fn ingest_like_ingestor(pool: &PgPool, plays: &[Play]) {
              audience_sum = sponsor_daily_stats.audience_sum + excluded.audience_sum",
     )
     .bind(&ids)
-    .execute(pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
 }
