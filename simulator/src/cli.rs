@@ -150,7 +150,8 @@ pub struct SoakArgs {
     /// Scale of every scenario (1 = the CI sizes; 5 = five times the plays).
     #[arg(long, default_value_t = 5)]
     pub scale: usize,
-    /// Only these scenarios (comma-separated names; default all).
+    /// Only these scenarios (comma-separated names; default: all but the
+    /// opt-in `pg_restart`, which restarts the local PostgreSQL server).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }

@@ -46,6 +46,12 @@ pub enum Fault {
     EdgeOfflineBacklog,
     /// Envelopes delivered several times (replayed publishes, aggressive resends).
     DuplicateDeliveries,
+    /// The PostgreSQL server itself stopped (fast shutdown: every session
+    /// gets 57P01) and started again. Not in [`Fault::ALL`]: it restarts the
+    /// machine's shared server, which would break whatever else runs against
+    /// it (the CI suite runs tests in parallel); `neopro-sim soak --only
+    /// pg_restart` runs it, as root on a Debian-style cluster.
+    PgRestart,
 }
 
 impl Fault {
@@ -68,8 +74,41 @@ impl Fault {
             Fault::BrokerLogOverflow => "broker_log_overflow",
             Fault::EdgeOfflineBacklog => "edge_offline_backlog",
             Fault::DuplicateDeliveries => "duplicate_deliveries",
+            Fault::PgRestart => "pg_restart",
         }
     }
+
+    /// Every scenario, including the opt-in ones.
+    pub const EVERY: &'static [Fault] = &[
+        Fault::EdgeKill9,
+        Fault::IngestorKill9,
+        Fault::BrokerRestart,
+        Fault::PgTerminate,
+        Fault::BrokerLogOverflow,
+        Fault::EdgeOfflineBacklog,
+        Fault::DuplicateDeliveries,
+        Fault::PgRestart,
+    ];
+}
+
+/// `pg_ctlcluster <version> main <action>` for the newest installed cluster.
+async fn pg_cluster(action: &[&str]) -> anyhow::Result<()> {
+    let mut versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
+        .context("PostgreSQL cluster configuration (/etc/postgresql)")?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    versions.sort_by_key(|v| v.parse::<u32>().unwrap_or(0));
+    let v = versions.pop().context("no PostgreSQL cluster")?;
+    let status = tokio::process::Command::new("pg_ctlcluster")
+        .arg("--skip-systemctl-redirect")
+        .arg(&v)
+        .arg("main")
+        .args(action)
+        .status()
+        .await
+        .context("running pg_ctlcluster")?;
+    anyhow::ensure!(status.success(), "pg_ctlcluster {v} main {action:?}: {status}");
+    Ok(())
 }
 
 /// Sizes of a scenario.
@@ -537,6 +576,11 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
                     .await?;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+        Fault::PgRestart => {
+            pg_cluster(&["stop", "-m", "fast"]).await?;
+            tokio::time::sleep(fault_for).await;
+            pg_cluster(&["start"]).await?;
         }
         Fault::BrokerLogOverflow => {
             let i = ingestor_inproc.take().context("ingestor")?;
