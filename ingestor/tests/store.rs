@@ -146,3 +146,41 @@ async fn binary_copy_stores_every_field_and_a_rewrite_is_all_duplicates(pool: Pg
     assert_eq!(out.new, [vec![false; 10], vec![true; 10]].concat());
     common::assert_rollup_matches(&pool).await;
 }
+
+/// A row the database refuses for good (here a CHECK that validation would
+/// have caught; the write path must hold even when it does not) is isolated
+/// by bisection and dead-lettered with PostgreSQL's reason, and every other
+/// row of the batch commits; nothing loops.
+#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+async fn a_permanent_database_error_dead_letters_only_the_offending_row(pool: PgPool) {
+    let mut rows = awkward_rows();
+    for (k, r) in rows.iter_mut().enumerate() {
+        r.origin = k / 5; // four messages of five rows
+    }
+    let bad = 7;
+    rows[bad].imp.duration_played = -1.0;
+    let set = WriteSet {
+        rows: rows.clone(),
+        dead: vec![],
+        sites: vec!["club-a".into()],
+    };
+    let out = store::write(&pool, &set, InsertMethod::Copy).await.unwrap();
+    assert_eq!(out.inserted(), rows.len() - 1);
+    assert_eq!(out.refused.len(), 1);
+    assert_eq!(out.refused[0].0, bad);
+    assert!(!out.new[bad]);
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM sponsor_impressions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, rows.len() as i64 - 1);
+    let (code, reason, id): (String, String, Option<Uuid>) =
+        sqlx::query_as("SELECT reason_code, reason, impression_id FROM impressions_rejected")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(code, "db_error");
+    assert!(reason.contains("check constraint"), "{reason}");
+    assert_eq!(id, Some(rows[bad].imp.impression_id));
+    common::assert_rollup_matches(&pool).await;
+}
