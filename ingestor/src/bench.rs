@@ -425,11 +425,8 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
         }
         // One COPY stream: the header once, no trailer until the end.
         let bytes = buf.finish();
-        let body = if r == 0 {
-            &bytes[..bytes.len() - 2]
-        } else {
-            &bytes[19..bytes.len() - 2]
-        };
+        let start = if r == 0 { 0 } else { crate::copy::HEADER_LEN };
+        let body = &bytes[start..bytes.len() - crate::copy::TRAILER_LEN];
         copy.send(body).await?;
     }
     copy.send(&(-1i16).to_be_bytes()[..]).await?;

@@ -36,6 +36,11 @@ pub fn copy_statement() -> String {
 }
 
 const FIELDS: i16 = 14;
+/// Bytes of the stream header (signature, flags, extension length): what a
+/// caller skips to append the rows of another buffer to an open stream.
+pub const HEADER_LEN: usize = 19;
+/// Bytes of the trailer.
+pub const TRAILER_LEN: usize = 2;
 /// 2000-01-01T00:00:00Z in Unix microseconds (PostgreSQL's epoch).
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
@@ -138,7 +143,7 @@ mod tests {
         assert_eq!(c.rows(), 1);
         let b = c.finish();
         assert_eq!(&b[..11], b"PGCOPY\n\xff\r\n\0");
-        assert_eq!(&b[19..21], &14i16.to_be_bytes());
+        assert_eq!(&b[HEADER_LEN..HEADER_LEN + 2], &14i16.to_be_bytes());
         // uuid: length 16 then the bytes.
         assert_eq!(&b[21..25], &16i32.to_be_bytes());
         assert_eq!(&b[25..41], Uuid::from_u128(1).as_bytes());

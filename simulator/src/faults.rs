@@ -47,7 +47,8 @@ pub enum Fault {
     /// Envelopes delivered several times (replayed publishes, aggressive resends).
     DuplicateDeliveries,
     /// The PostgreSQL server itself stopped (fast shutdown: every session
-    /// gets 57P01) and started again. Not in [`Fault::ALL`]: it restarts the
+    /// gets 57P01) and started again. Not in [`Fault::ALL`] but in
+    /// [`Fault::OPT_IN`]: it restarts the
     /// machine's shared server, which would break whatever else runs against
     /// it (the CI suite runs tests in parallel); `neopro-sim soak --only
     /// pg_restart` runs it, as root on a Debian-style cluster.
@@ -65,6 +66,9 @@ impl Fault {
         Fault::DuplicateDeliveries,
     ];
 
+    /// Scenarios run only when named (`soak --only`).
+    pub const OPT_IN: &'static [Fault] = &[Fault::PgRestart];
+
     pub fn name(self) -> &'static str {
         match self {
             Fault::EdgeKill9 => "edge_kill9",
@@ -77,18 +81,6 @@ impl Fault {
             Fault::PgRestart => "pg_restart",
         }
     }
-
-    /// Every scenario, including the opt-in ones.
-    pub const EVERY: &'static [Fault] = &[
-        Fault::EdgeKill9,
-        Fault::IngestorKill9,
-        Fault::BrokerRestart,
-        Fault::PgTerminate,
-        Fault::BrokerLogOverflow,
-        Fault::EdgeOfflineBacklog,
-        Fault::DuplicateDeliveries,
-        Fault::PgRestart,
-    ];
 }
 
 /// `pg_ctlcluster <version> main <action>` for the newest installed cluster.

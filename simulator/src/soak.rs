@@ -21,7 +21,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<bool> {
     println!("{}", Outcome::header());
     let mut all_exact = true;
     // Without --only: the CI set; opt-in scenarios (pg_restart) by name.
-    for f in Fault::EVERY {
+    for f in Fault::ALL.iter().chain(Fault::OPT_IN) {
         let chosen = if args.only.is_empty() {
             Fault::ALL.contains(f)
         } else {
