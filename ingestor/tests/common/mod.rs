@@ -282,6 +282,33 @@ impl Edge {
         }
         out
     }
+
+    /// Receipts until every envelope of `envs` has one, republishing those
+    /// still unconfirmed after 5 s of silence, as the real edge does after
+    /// its receipt timeout (a receipt in flight when the ingestor is
+    /// SIGKILLed is lost by design; the resend gets a duplicate receipt).
+    /// Panics after 12 rounds without every receipt.
+    pub async fn receipts_resending(&mut self, envs: &[BatchEnvelope]) -> HashMap<Uuid, Vec<Receipt>> {
+        let mut out: HashMap<Uuid, Vec<Receipt>> = HashMap::new();
+        for _round in 0..12 {
+            loop {
+                if envs.iter().all(|e| out.contains_key(&e.batch_id)) {
+                    return out;
+                }
+                match tokio::time::timeout(Duration::from_secs(5), self.receipts.recv()).await {
+                    Ok(Some(r)) => out.entry(r.batch_id).or_default().push(r),
+                    _ => break,
+                }
+            }
+            for e in envs.iter().filter(|e| !out.contains_key(&e.batch_id)) {
+                self.publish(e).await;
+            }
+        }
+        panic!(
+            "receipts missing for {} envelopes after 12 resends",
+            envs.iter().filter(|e| !out.contains_key(&e.batch_id)).count()
+        );
+    }
 }
 
 impl Drop for Edge {
