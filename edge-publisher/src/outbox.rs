@@ -14,6 +14,20 @@
 //! one transaction (each in its own savepoint, so one failure does not fail the
 //! others), commits (one fsync of the WAL), and only then answers each caller.
 //!
+//! # Which commits are synced
+//!
+//! Only a transaction that holds something the box promised to keep is
+//! synced: an append (the TV was or will be told "stored") and a refused
+//! record (the operator's evidence). A group of only claims, requeues and
+//! settlements commits with `synchronous=NORMAL` instead: in WAL mode that
+//! cannot corrupt the file, and what a power cut can take back is a suffix of
+//! such transactions (the WAL is replayed as a prefix). Losing them is
+//! harmless by construction: a lost claim leaves rows `pending` (they are
+//! published again), a lost settlement brings confirmed rows back (they are
+//! published again, the centre's unique key absorbs them and its receipt
+//! settles them again). The next synced commit fsyncs the WAL, and so every
+//! frame before it. This halves the fsyncs of a delivery cycle.
+//!
 //! # On-disk format (`{data_dir}/outbox.sqlite3`, plus `-wal` and `-shm`)
 //!
 //! ```sql
@@ -431,6 +445,7 @@ impl Outbox {
             conn,
             shared: shared.clone(),
             next_seq: next,
+            synced: true,
         };
         writer.publish_gauges();
         std::thread::Builder::new()
@@ -605,6 +620,9 @@ struct Writer {
     conn: Connection,
     shared: Arc<Shared>,
     next_seq: i64,
+    /// The connection's current `synchronous` setting: FULL (true) for
+    /// groups that must survive a power cut, NORMAL otherwise (module doc).
+    synced: bool,
 }
 
 impl Writer {
@@ -655,6 +673,23 @@ impl Writer {
         let started = Instant::now();
         let n = cmds.len();
         let seq_before = self.next_seq;
+        // Set outside the transaction (SQLite reads it at commit).
+        let durable = cmds.iter().any(|c| matches!(c, Cmd::Append(..) | Cmd::Refused(..)));
+        if durable != self.synced {
+            let mode = if durable { "FULL" } else { "NORMAL" };
+            match self.conn.pragma_update(None, "synchronous", mode) {
+                Ok(()) => self.synced = durable,
+                // Staying FULL is only slower.
+                Err(e) if !durable => tracing::warn!(error = %e, "outbox: synchronous=NORMAL not set"),
+                Err(e) => {
+                    let msg = format!("setting synchronous={mode}: {e}");
+                    for c in cmds {
+                        fail_cmd(c, &msg);
+                    }
+                    return;
+                }
+            }
+        }
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = format!("begin: {e}");
             for c in cmds {
