@@ -182,15 +182,15 @@ impl Publisher {
         copts.keep_alive = Duration::from_secs(s.keep_alive_s.max(5));
         copts.inflight = (s.max_inflight_batches as u16).saturating_add(16).max(20);
         copts.request_channel_capacity = s.max_inflight_batches.saturating_mul(2).max(64);
-        let mut opts = s.mqtt_url.options(&copts)?;
         let status_topic = self.topics.status(&s.site_id);
-        opts.set_last_will(LastWill::new(
-            status_topic.clone(),
-            SiteStatus::offline(&s.site_id, crate::VERSION, Utc::now()).encode(),
-            QoS::AtLeastOnce,
-            true,
-        ));
-        let (client, eventloop) = AsyncClient::new(opts, copts.request_channel_capacity);
+        let (client, eventloop) = runtime::mqtt::client(&s.mqtt_url, &copts, |opts| {
+            opts.set_last_will(LastWill::new(
+                status_topic.clone(),
+                SiteStatus::offline(&s.site_id, crate::VERSION, Utc::now()).encode(),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        })?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let io_stop = CancellationToken::new();
         let io = tokio::spawn(io_loop(
@@ -209,7 +209,11 @@ impl Publisher {
         let timeout = s.receipt_timeout();
         let mut inflight: HashMap<Uuid, InFlight> = HashMap::new();
         let mut connected = false;
-        let mut due_at: Option<Instant> = None;
+        // When a partial batch is due: `batch_delay` after the first unsent
+        // row was seen. Rows found at start (stored before this process, or
+        // requeued at open) and rows requeued later (session lost, receipt
+        // timeout) have waited long enough already: they are due at once.
+        let mut due_at: Option<Instant> = (self.outbox.counts().unsent > 0).then(Instant::now);
         let mut stalled = false;
         let mut status_tick = tokio::time::interval(Duration::from_millis(s.status_interval_ms.max(1000)));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -271,6 +275,7 @@ impl Publisher {
                             inflight.clear();
                             match self.outbox.requeue(None).await {
                                 Ok(n) if n > 0 => {
+                                    due_at = Some(Instant::now());
                                     self.health.sessions_lost.fetch_add(1, Ordering::AcqRel);
                                     tracing::warn!(requeued = n, "broker has no session for us: unconfirmed impressions will be published again");
                                 }
@@ -314,6 +319,7 @@ impl Publisher {
                             match self.outbox.requeue(Some(id)).await {
                                 Ok(n) => {
                                     if n > 0 {
+                                        due_at = Some(Instant::now());
                                         self.health.republished_batches.fetch_add(1, Ordering::AcqRel);
                                         metrics::counter!("edge_batches_receipt_timeout_total").increment(1);
                                         tracing::info!(batch_id = %id, impressions = n, of = b.map(|b| b.count).unwrap_or(0), "no receipt in time: republishing");

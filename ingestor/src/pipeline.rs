@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Incoming, Outgoing, Publish, QoS};
+use rumqttc::{ConnectionError, Event, EventLoop, Incoming, Outgoing, Publish, QoS};
 use schema::{TopicKind, Topics};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -118,15 +118,15 @@ async fn run_subscriber(
     copts.manual_acks = true;
     copts.keep_alive = Duration::from_secs(settings.mqtt_keep_alive_secs.max(5));
     copts.request_channel_capacity = 10_000;
-    let mut opts = settings.mqtt_url.options(&copts)?;
-    // Accept messages larger than any valid envelope, so an oversized one is
-    // dead-lettered instead of breaking the connection (and, redelivered,
-    // wedging the persistent session).
-    opts.set_max_packet_size(
-        settings.max_incoming_packet_bytes,
-        schema::mqtt::MAX_PACKET_BYTES + 1024,
-    );
-    let (client, eventloop) = AsyncClient::new(opts, copts.request_channel_capacity);
+    let (client, eventloop) = runtime::mqtt::client(&settings.mqtt_url, &copts, |opts| {
+        // Accept messages larger than any valid envelope, so an oversized one
+        // is dead-lettered instead of breaking the connection (and,
+        // redelivered, wedging the persistent session).
+        opts.set_max_packet_size(
+            settings.max_incoming_packet_bytes,
+            schema::mqtt::MAX_PACKET_BYTES + 1024,
+        );
+    })?;
     let filter = topics.all_sites(TopicKind::Impressions);
     tracing::info!(broker = %settings.mqtt_url, client_id = %settings.client_id, %filter, "MQTT pipeline starting");
 

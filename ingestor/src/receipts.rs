@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Outgoing, QoS};
+use rumqttc::{Event, Outgoing, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -41,8 +41,7 @@ impl ReceiptPublisher {
         copts.clean_session = true;
         copts.keep_alive = Duration::from_secs(settings.mqtt_keep_alive_secs.max(5));
         copts.request_channel_capacity = 1024;
-        let opts = settings.mqtt_url.options(&copts)?;
-        let (client, mut eventloop) = AsyncClient::new(opts, copts.request_channel_capacity);
+        let (client, mut eventloop) = runtime::mqtt::client(&settings.mqtt_url, &copts, |_| {})?;
         let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(100_000);
         let closing = Arc::new(AtomicBool::new(false));
 
