@@ -107,8 +107,9 @@ enum Command {
         /// longest ingestor outage: fleet envelopes/s × seconds).
         #[arg(long, default_value_t = 200_000)]
         max_queued_messages: u64,
-        /// QoS 1 messages in flight per client.
-        #[arg(long, default_value_t = 100)]
+        /// QoS 1 messages in flight per client (the ingestor's envelopes per
+        /// commit: it acks after committing).
+        #[arg(long, default_value_t = 1000)]
         max_inflight_messages: u32,
         /// User Mosquitto runs as after dropping root.
         #[arg(long, default_value = "mosquitto")]
