@@ -27,7 +27,6 @@
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use hdrhistogram::Histogram;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -36,12 +35,13 @@ use uuid::Uuid;
 use crate::catalogue::Catalogue;
 use crate::cli::BenchArgs;
 use crate::demo::run_identity;
-use crate::fleet::{self, BrokerChoice, Edge, EdgeTuning, Ingestor};
+use crate::fleet::{self, BrokerChoice, EdgeTuning, Ingestor};
+use crate::hosts::{self, Boxes, Placement};
 use crate::pg;
 use crate::plays::{generate, FleetSpec};
 
-/// Rows per append while filling (one outbox transaction each).
-const FILL_CHUNK: usize = 500;
+/// More box processes than this means the open-file limit is far too low.
+const MAX_BOX_PROCESSES: usize = 64;
 /// Plays per append in the steady phase (a TV frontend's POST).
 const STEADY_CHUNK: usize = 25;
 
@@ -98,49 +98,49 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         batch_max_impressions: args.batch_max_impressions,
         ..EdgeTuning::default()
     };
-    let fill_start = Instant::now();
-    let mut edges = Vec::with_capacity(n);
-    for s in &sites {
-        edges.push(Edge::open(&s.site_id, dir.path().join(&s.site_id), &broker.url, &prefix, &tuning).await?);
-    }
-    let fills = futures::stream::iter(sites.iter().zip(&edges).map(|(s, e)| async move {
-        for c in s.plays.chunks(FILL_CHUNK) {
-            e.outbox.append(c.to_vec()).await?;
-        }
-        anyhow::Ok(())
-    }))
-    .buffer_unordered(64)
-    .collect::<Vec<_>>()
-    .await;
-    for r in fills {
-        r.context("filling an outbox")?;
-    }
+    let processes = args.box_processes.unwrap_or_else(|| hosts::processes_needed(n, nofile));
     anyhow::ensure!(
-        fleet::unconfirmed_total(&edges) == (n * m) as u64,
+        processes <= MAX_BOX_PROCESSES,
+        "{n} boxes would need {processes} processes under an open-file limit of {nofile}; raise the limit (ulimit -n)"
+    );
+    let place = Placement {
+        spec: spec.clone(),
+        tuning,
+        broker: broker.url.clone(),
+        prefix: prefix.clone(),
+        dir: dir.path().to_owned(),
+        processes,
+        exe: match &args.box_host_exe {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("locating neopro-sim for the box processes")?,
+        },
+    };
+    let fill_start = Instant::now();
+    let mut edges = Boxes::open(&place, &sites).await?;
+    anyhow::ensure!(
+        edges.unconfirmed().await? == (n * m) as u64,
         "outboxes hold fewer plays than generated"
     );
     println!(
-        "fill: {} plays into {n} outboxes in {:.1}s (not timed)",
+        "fill: {} plays into {n} outboxes in {:.1}s (not timed; boxes in {})",
         n * m,
-        fill_start.elapsed().as_secs_f64()
+        fill_start.elapsed().as_secs_f64(),
+        match edges.processes() {
+            0 => "this process".to_owned(),
+            k => format!("{k} child processes"),
+        }
     );
 
     // 2. Throughput: start every box; stop when every outbox is empty.
     let t0 = Instant::now();
-    for e in &mut edges {
-        e.start().await?;
-    }
+    edges.start().await?;
     let started_in = t0.elapsed();
-    let done = fleet::wait_until(Duration::from_secs(args.timeout_secs), || {
-        let left = fleet::unconfirmed_total(&edges);
-        async move { Ok(left == 0) }
-    })
-    .await?;
+    let done = wait_empty(&mut edges, Duration::from_secs(args.timeout_secs)).await?;
     let e2e_elapsed = t0.elapsed();
     anyhow::ensure!(
         done,
         "timeout: {} impressions still unconfirmed after {} s",
-        fleet::unconfirmed_total(&edges),
+        edges.unconfirmed().await?,
         args.timeout_secs
     );
     let committed = pg::total_count(&pool).await?;
@@ -201,16 +201,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
                     sent_at.insert(p.impression_id, now);
                 }
                 handed += chunk.len();
-                edges[i].outbox.append(chunk).await?;
+                edges.append(i, chunk).await?;
             }
             tokio::time::sleep(tick).await;
         }
         let achieved = handed as f64 / t1.elapsed().as_secs_f64();
-        let settled = fleet::wait_until(Duration::from_secs(args.timeout_secs), || {
-            let left = fleet::unconfirmed_total(&edges);
-            async move { Ok(left == 0) }
-        })
-        .await?;
+        let settled = wait_empty(&mut edges, Duration::from_secs(args.timeout_secs)).await?;
         anyhow::ensure!(settled, "timeout waiting for the steady-load plays to be confirmed");
         let ids: Vec<Uuid> = sent_at.keys().copied().collect();
         let rows: Vec<(Uuid, DateTime<Utc>)> =
@@ -238,9 +234,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         }
     }
 
-    for e in &mut edges {
-        let _ = e.stop().await;
-    }
+    let left = edges.unconfirmed().await?;
+    edges.stop().await.context("stopping the boxes")?;
     let _ = ingestor.stop().await;
 
     // 4. Exactly once.
@@ -259,9 +254,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         rec.mismatched.len(),
         rec.rejected,
         rec.rollup_impressions,
-        fleet::unconfirmed_total(&edges)
+        left
     );
-    let exact = rec.is_exact() && fleet::unconfirmed_total(&edges) == 0;
+    let exact = rec.is_exact() && left == 0;
     if !exact {
         println!("MISMATCH:\n{}", rec.diff(10));
     }
@@ -290,4 +285,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         e2e_rate / copy.rows_per_s()
     );
     Ok(exact)
+}
+
+/// Polls the outboxes every 100 ms until they are all empty (true) or
+/// `timeout` passes (false).
+async fn wait_empty(edges: &mut Boxes, timeout: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if edges.unconfirmed().await? == 0 {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -30,6 +30,10 @@ pub enum Command {
     /// A TV frontend: posts seeded, realistic plays to a running neopro-edge's
     /// `POST /api/sync/sponsor-impressions`, stamped with the current time.
     Feed(FeedArgs),
+    /// Internal: holds a range of `bench` boxes in a child process (the
+    /// protocol is in `simulator::hosts`); not for operators.
+    #[command(hide = true)]
+    BoxHost,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -138,6 +142,14 @@ pub struct BenchArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
+    /// Child processes holding the boxes [default: 0 while every box's file
+    /// descriptors fit in this process under its open-file limit, else as
+    /// many as needed].
+    #[arg(long)]
+    pub box_processes: Option<usize>,
+    /// The `neopro-sim` executable the box processes run [default: this one].
+    #[arg(long, hide = true)]
+    pub box_host_exe: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]

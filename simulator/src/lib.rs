@@ -5,6 +5,8 @@
 //!   summary and the exactly-once check, all read back from PostgreSQL.
 //! * [`fleet`]: the real pipeline in-process (embedded broker or any MQTT URL,
 //!   the ingestor App, N edge Apps with their SQLite outboxes).
+//! * [`hosts`]: the boxes in this process, or in child processes when one
+//!   process cannot hold their file descriptors (10,000 sessions).
 //! * [`faults`]: the fault scenarios (CI suite and `soak`).
 //! * [`demo`], [`bench`], [`soak`], [`feed`]: the subcommands; [`cli`]: their flags.
 pub mod bench;
@@ -14,6 +16,7 @@ pub mod demo;
 pub mod faults;
 pub mod feed;
 pub mod fleet;
+pub mod hosts;
 pub mod pg;
 pub mod plays;
 pub mod soak;

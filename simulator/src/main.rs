@@ -13,6 +13,7 @@ async fn main() -> ExitCode {
         Command::Bench(a) => a.fleet.log_format.clone(),
         Command::Soak(a) => a.fleet.log_format.clone(),
         Command::Feed(a) => a.log_format.clone(),
+        Command::BoxHost => "human".to_owned(),
     };
     simulator::init_logging(&log_format);
     let result = match cli.command {
@@ -20,6 +21,7 @@ async fn main() -> ExitCode {
         Command::Bench(a) => simulator::bench::run(a).await,
         Command::Soak(a) => simulator::soak::run(a).await,
         Command::Feed(a) => simulator::feed::run(a).await,
+        Command::BoxHost => simulator::hosts::serve().await.map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
