@@ -121,9 +121,18 @@ impl Ingestor {
     }
 
     /// Graceful stop (drains the open batch).
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        self.task.await.context("ingestor task")?
+        (&mut self.task).await.context("ingestor task")?
+    }
+}
+
+/// A run that ends early (an error, a failed check) must not leave the
+/// ingestor working against a database that is about to be dropped: its
+/// shutdown is signalled, and it drains and stops on its own.
+impl Drop for Ingestor {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
