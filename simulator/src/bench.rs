@@ -241,6 +241,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let left = edges.unconfirmed().await?;
     edges.stop().await.context("stopping the boxes")?;
     let _ = ingestor.stop().await;
+    fleet::forget_sessions(
+        &broker,
+        std::iter::once(ingestor_id.clone()).chain(sites.iter().map(|s| s.site_id.clone())),
+    )
+    .await;
 
     // 4. Exactly once.
     let rec = pg::reconcile(

@@ -169,6 +169,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     if let Err(e) = ingestor.stop().await {
         tracing::warn!(error = format!("{e:#}"), "stopping the ingestor");
     }
+    fleet::forget_sessions(
+        &broker,
+        std::iter::once(ingestor_id.clone()).chain(site_ids.iter().cloned()),
+    )
+    .await;
 
     let summary = pg::sponsor_summary(&pool, &site_ids).await?;
     println!("\nPer-sponsor summary (read back from PostgreSQL, attributed with sponsor_of()):\n");

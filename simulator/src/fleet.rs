@@ -276,6 +276,25 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
+/// Retires the persistent sessions `client_ids` hold on an external broker
+/// (64 at a time, best effort): a run's ingestor id is unique, and every
+/// run's boxes subscribe under a new topic prefix, so without this each run
+/// would leave a session (or a subscription) on a shared Mosquitto that
+/// never expires. The embedded broker dies with the process: nothing to do.
+pub async fn forget_sessions(broker: &Broker, client_ids: impl IntoIterator<Item = String>) {
+    use futures::StreamExt;
+    if broker.embedded.is_some() {
+        return;
+    }
+    futures::stream::iter(client_ids)
+        .for_each_concurrent(64, |id| async move {
+            if let Err(e) = runtime::mqtt::forget_session(&broker.url, &id).await {
+                tracing::debug!(client_id = %id, error = %e, "could not retire a session");
+            }
+        })
+        .await;
+}
+
 /// Polls `done` every 100 ms until it is true or `timeout` passes.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut done: F) -> anyhow::Result<bool>
 where
