@@ -214,14 +214,11 @@ async fn stats_equal_raw_rows_for_ranges_filters_late_plays_and_catalogue_change
 
     // ... and one made by the CSV import (moves the club_* rule to coca-cola).
     let r = app
-        .client
-        .post(format!("{}/api/catalogue/import", app.base))
-        .bearer_auth(TOKEN)
-        .header("content-type", "text/csv")
-        .body("sponsor_id,sponsor_name,video_id,filename_pattern\ncoca-cola,Coca-Cola,,club_*\n")
-        .send()
-        .await
-        .unwrap();
+        .post_csv(
+            "/api/catalogue/import",
+            "sponsor_id,sponsor_name,video_id,filename_pattern\ncoca-cola,Coca-Cola,,club_*\n",
+        )
+        .await;
     assert_eq!(r.status(), 200);
     for sponsor in ["adidas", "coca-cola"] {
         check(&app, &plays, sponsor, &f, &format!("{sponsor} after the CSV import")).await;
@@ -689,28 +686,17 @@ async fn catalogue_endpoints_and_bulk_import(pool: PgPool) {
     // Bulk import over HTTP (CSV) ...
     let csv = "sponsor_id,sponsor_name,video_id,filename_pattern\n\
                adidas,Adidas,ad-1,\nadidas,Adidas,,sponsor_adidas_*\nnike,Nike,,\n";
-    let r = app
-        .client
-        .post(format!("{}/api/catalogue/import", app.base))
-        .bearer_auth(TOKEN)
-        .header("content-type", "text/csv")
-        .body(csv)
-        .send()
-        .await
-        .unwrap();
+    let r = app.post_csv("/api/catalogue/import", csv).await;
     assert_eq!(r.status(), 200);
     let rep: serde_json::Value = r.json().await.unwrap();
     assert_eq!((rep["sponsors"].as_i64(), rep["rules"].as_i64()), (Some(2), Some(2)));
     // ... a bad file is refused whole, naming the line ...
     let r = app
-        .client
-        .post(format!("{}/api/catalogue/import", app.base))
-        .bearer_auth(TOKEN)
-        .header("content-type", "text/csv")
-        .body("sponsor_id,sponsor_name,video_id,filename_pattern\nok,Ok,v,\nbad id,X,,\n")
-        .send()
-        .await
-        .unwrap();
+        .post_csv(
+            "/api/catalogue/import",
+            "sponsor_id,sponsor_name,video_id,filename_pattern\nok,Ok,v,\nbad id,X,,\n",
+        )
+        .await;
     assert_eq!(r.status(), 400);
     assert!(
         app.get("/api/sponsors/ok").await.status() == 404,

@@ -245,6 +245,19 @@ impl Host {
     }
 }
 
+/// Sends `cmd` to every host, then reads each one's answer starting with
+/// `answer` (the hosts work on it concurrently).
+async fn broadcast(hosts: &mut [Host], cmd: &str, answer: &str) -> anyhow::Result<Vec<String>> {
+    for h in hosts.iter_mut() {
+        h.send(cmd).await?;
+    }
+    let mut lines = Vec::with_capacity(hosts.len());
+    for h in hosts.iter_mut() {
+        lines.push(h.expect(answer).await?);
+    }
+    Ok(lines)
+}
+
 /// The fleet's boxes, wherever they live.
 pub enum Boxes {
     Local(Vec<Edge>, Appender),
@@ -340,12 +353,7 @@ impl Boxes {
                 }
             }
             Boxes::Hosted(hosts) => {
-                for h in hosts.iter_mut() {
-                    h.send("start").await?;
-                }
-                for h in hosts.iter_mut() {
-                    h.expect("started").await?;
-                }
+                broadcast(hosts, "start", "started").await?;
             }
         }
         Ok(())
@@ -356,12 +364,8 @@ impl Boxes {
         match self {
             Boxes::Local(edges, appender) => Ok(fleet::unconfirmed_total(edges) + appender.in_transit()),
             Boxes::Hosted(hosts) => {
-                for h in hosts.iter_mut() {
-                    h.send("count").await?;
-                }
                 let mut total = 0;
-                for h in hosts.iter_mut() {
-                    let line = h.expect("unconfirmed ").await?;
+                for line in broadcast(hosts, "count", "unconfirmed ").await? {
                     total += line["unconfirmed ".len()..]
                         .trim()
                         .parse::<u64>()
@@ -403,11 +407,8 @@ impl Boxes {
                 }
             }
             Boxes::Hosted(hosts) => {
+                broadcast(hosts, "stop", "stopped").await?;
                 for h in hosts.iter_mut() {
-                    h.send("stop").await?;
-                }
-                for h in hosts.iter_mut() {
-                    h.expect("stopped").await?;
                     let status = h.child.wait().await?;
                     anyhow::ensure!(status.success(), "box host {}..{} exited with {status}", h.from, h.to);
                 }
@@ -438,21 +439,23 @@ pub async fn serve() -> anyhow::Result<()> {
     let sites: Vec<SitePlays> = (cfg.from..cfg.to)
         .map(|i| generate_site(&spec, &catalogue, i))
         .collect();
-    let mut edges = open_and_fill(&sites, &cfg.dir, &broker, &cfg.topic_prefix, &cfg.tuning()).await?;
+    // The host's boxes are in-process boxes of this process: the same
+    // methods serve both placements.
+    let mut boxes = Boxes::Local(
+        open_and_fill(&sites, &cfg.dir, &broker, &cfg.topic_prefix, &cfg.tuning()).await?,
+        Appender::default(),
+    );
     drop(sites);
-    let mut appender = Appender::default();
     say(&mut out, "ready").await?;
     while let Some(line) = lines.next_line().await? {
         let (cmd, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
         match cmd {
             "start" => {
-                for e in &mut edges {
-                    e.start().await?;
-                }
+                boxes.start().await?;
                 say(&mut out, "started").await?;
             }
             "count" => {
-                let n = fleet::unconfirmed_total(&edges) + appender.in_transit();
+                let n = boxes.unconfirmed().await?;
                 say(&mut out, &format!("unconfirmed {n}")).await?;
             }
             "append" => {
@@ -463,13 +466,10 @@ pub async fn serve() -> anyhow::Result<()> {
                     "append: site {index} is not on this host"
                 );
                 let plays: Vec<schema::Impression> = serde_json::from_str(json).context("append: plays")?;
-                appender.spawn(edges[index - cfg.from].outbox.clone(), plays).await?;
+                boxes.append(index - cfg.from, plays).await?;
             }
             "stop" => {
-                appender.finish().await?;
-                for e in &mut edges {
-                    e.stop().await?;
-                }
+                boxes.stop().await?;
                 say(&mut out, "stopped").await?;
                 return Ok(());
             }

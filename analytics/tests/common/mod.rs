@@ -69,6 +69,18 @@ impl TestApp {
             .await
             .unwrap()
     }
+
+    /// POSTs a CSV body (the catalogue import).
+    pub async fn post_csv(&self, path: &str, body: impl Into<String>) -> reqwest::Response {
+        self.client
+            .post(format!("{}{}", self.base, path))
+            .bearer_auth(TOKEN)
+            .header("content-type", "text/csv")
+            .body(body.into())
+            .send()
+            .await
+            .unwrap()
+    }
 }
 
 impl Drop for TestApp {
