@@ -107,6 +107,19 @@ impl EmbeddedBroker {
             let addrs: Vec<SocketAddr> = std::iter::once(mqtt_addr).chain(ws_addr).collect();
             match wait_listening(&addrs, &thread) {
                 Ok(()) => {
+                    let backlog = listen_backlog(settings);
+                    for a in &addrs {
+                        match crate::backlog::widen(*a, backlog) {
+                            crate::backlog::Widened::To(n) => {
+                                tracing::debug!(listener = %a, backlog = n, "listen backlog widened")
+                            }
+                            crate::backlog::Widened::Unchanged(why) => tracing::warn!(
+                                listener = %a,
+                                why,
+                                "listen backlog left at rumqttd's 128: a fleet reconnecting at once will see dropped SYNs"
+                            ),
+                        }
+                    }
                     let tls_addr = match &settings.tls {
                         Some(t) => Some(crate::tls_front::spawn(
                             t.listen,
@@ -302,6 +315,12 @@ pub fn build_config(
         prometheus: None,
         metrics: Some(metrics),
     }
+}
+
+/// The accept queue asked for: room for every allowed connection to arrive
+/// at once (the kernel caps it at `net.core.somaxconn`).
+fn listen_backlog(settings: &BrokerSettings) -> i32 {
+    i32::try_from(settings.limits.max_connections.clamp(1024, 65_535)).unwrap_or(65_535)
 }
 
 /// Waits until every address is in LISTEN state (Linux: read from

@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod backlog;
 pub mod bench;
 pub mod credentials;
 pub mod embedded;

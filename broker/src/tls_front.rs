@@ -57,6 +57,7 @@ pub fn spawn(listen: SocketAddr, upstream: SocketAddr, cert: PathBuf, key: PathB
     let std_listener =
         std::net::TcpListener::bind(listen).with_context(|| format!("binding the TLS listener {listen}"))?;
     std_listener.set_nonblocking(true)?;
+    crate::backlog::widen_own(&std_listener, crate::backlog::OWN_BACKLOG);
     let addr = std_listener.local_addr()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
