@@ -280,6 +280,32 @@ async fn stats_equal_raw_rows_for_ranges_filters_late_plays_and_catalogue_change
         .unwrap();
     assert_rollups_exact(&pool).await;
     check(&app, &plays, "coca-cola", &f, "coca-cola after a rebuild").await;
+
+    // The UPDATE trigger appends one delta per key (new - old, joined on the
+    // key). No writer changes key columns today; if one did, the old keys must
+    // leave the rollups and the new ones arrive. Then a counters-only UPDATE,
+    // the ingestor's case. (sponsor_daily_stats no longer matches the raw
+    // rows after this, so only the rollups are compared with it.)
+    let moved = sqlx::query(
+        "UPDATE sponsor_daily_stats SET day = day + 400, period = 'halftime'
+         WHERE site_id = (SELECT min(site_id) FROM sponsor_daily_stats) AND period = 'loop'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert!(moved > 0, "the fixture has loop rows to move");
+    let bumped = sqlx::query(
+        "UPDATE sponsor_daily_stats SET impressions = impressions + 2, completed_count = completed_count + 1,
+                seconds_played = seconds_played + 12.5, audience_sum = audience_sum + 40
+         WHERE event_type = 'match'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert!(bumped > 0, "the fixture has match rows");
+    assert_rollups_exact(&pool).await;
 }
 
 async fn assert_rollups_exact(pool: &PgPool) {
