@@ -64,12 +64,34 @@ pub fn widen_own(listener: &std::net::TcpListener, backlog: i32) {
     let _ = (listener, backlog);
 }
 
+/// Inodes of the sockets in LISTEN state on `port` (any address), read from
+/// `/proc/net/tcp{,6}`; `None` where those files do not exist.
+pub(crate) fn listening_inodes(port: u16) -> Option<Vec<u64>> {
+    let hex = format!(":{port:04X}");
+    let mut out = Vec::new();
+    let mut read_any = false;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        read_any = true;
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if cols.len() > 9 && cols[3] == "0A" && cols[1].ends_with(&hex) {
+                if let Ok(inode) = cols[9].parse::<u64>() {
+                    out.push(inode);
+                }
+            }
+        }
+    }
+    read_any.then_some(out)
+}
+
 #[cfg(target_os = "linux")]
 mod imp {
     use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
 
     pub fn widen(port: u16, backlog: i32) -> Result<(), String> {
-        let inodes = listening_inodes(port)?;
+        let inodes = super::listening_inodes(port).ok_or("/proc/net/tcp is not readable")?;
         if inodes.is_empty() {
             return Err(format!("no socket listens on port {port}"));
         }
@@ -98,31 +120,6 @@ mod imp {
             rustix::net::listen(&dup, backlog).map_err(|e| format!("listen: {e}"))?;
         }
         Ok(())
-    }
-
-    /// Inodes of the sockets in LISTEN state on `port` (any address).
-    fn listening_inodes(port: u16) -> Result<Vec<u64>, String> {
-        let hex = format!(":{port:04X}");
-        let mut out = Vec::new();
-        let mut read_any = false;
-        for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            let Ok(text) = std::fs::read_to_string(f) else { continue };
-            read_any = true;
-            for line in text.lines().skip(1) {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-                if cols.len() > 9 && cols[3] == "0A" && cols[1].ends_with(&hex) {
-                    if let Ok(inode) = cols[9].parse::<u64>() {
-                        out.push(inode);
-                    }
-                }
-            }
-        }
-        if read_any {
-            Ok(out)
-        } else {
-            Err("/proc/net/tcp is not readable".into())
-        }
     }
 }
 

@@ -355,22 +355,5 @@ fn wait_listening(addrs: &[SocketAddr], thread: &JoinHandle<()>) -> anyhow::Resu
 /// `Some(true)` if a socket listens on `port` (any address), `None` when
 /// `/proc` is not available.
 fn proc_listening(port: u16) -> Option<bool> {
-    let mut seen_any = false;
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(f) else { continue };
-        seen_any = true;
-        let hex = format!(":{port:04X}");
-        for line in text.lines().skip(1) {
-            let mut cols = line.split_whitespace();
-            let (Some(_sl), Some(local), Some(_remote), Some(state)) =
-                (cols.next(), cols.next(), cols.next(), cols.next())
-            else {
-                continue;
-            };
-            if state == "0A" && local.ends_with(&hex) {
-                return Some(true);
-            }
-        }
-    }
-    seen_any.then_some(false)
+    crate::backlog::listening_inodes(port).map(|inodes| !inodes.is_empty())
 }
