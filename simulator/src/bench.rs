@@ -230,7 +230,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
             }
         }
         // The appends are closed-loop: falling short of the target means the
-        // boxes' commits (and so the whole chain behind them) lagged.
+        // appends lagged, because the chain behind the boxes was saturated or
+        // the generator's synced SQLite commits were (the latency tells which).
         let load = if achieved < 0.95 * rate {
             "overloaded: the target was not sustained; "
         } else {
