@@ -18,15 +18,30 @@
 //!
 //! Only a transaction that holds something the box promised to keep is
 //! synced: an append (the TV was or will be told "stored") and a refused
-//! record (the operator's evidence). A group of only claims, requeues and
-//! settlements commits with `synchronous=NORMAL` instead: in WAL mode that
+//! record (the operator's evidence). A group of only requeues and
+//! settlements (a claim writes nothing) commits with `synchronous=NORMAL` instead: in WAL mode that
 //! cannot corrupt the file, and what a power cut can take back is a suffix of
 //! such transactions (the WAL is replayed as a prefix). Losing them is
-//! harmless by construction: a lost claim leaves rows `pending` (they are
-//! published again), a lost settlement brings confirmed rows back (they are
+//! harmless by construction: a lost requeue only loses its diagnostic
+//! columns, a lost settlement brings confirmed rows back (they are
 //! published again, the centre's unique key absorbs them and its receipt
 //! settles them again). The next synced commit fsyncs the WAL, and so every
 //! frame before it. This halves the fsyncs of a delivery cycle.
+//!
+//! # In-flight rows live in memory
+//!
+//! A claim (rows taken into an envelope) writes nothing to the file: the
+//! writer thread records it as runs of seqs ([`Writer::inflight`]), and the
+//! next claim reads only the gaps between those runs. Publishing used to
+//! rewrite every row once at claim and once more at its deletion; now a row
+//! costs one insert and one delete, and a receipt that names every stored row
+//! (a caught-up box, the usual case) empties the table with a bare `DELETE`,
+//! which SQLite executes by releasing pages instead of rewriting them. On a
+//! Pi's SD card that is half the writes per impression or less. Nothing is
+//! lost by keeping the claim in memory: in-flight state never survived a
+//! restart (invariant 4), and a requeue, the path of a publish that went
+//! unconfirmed, is where the file records it (`attempts`, `batch_id`,
+//! `published_at`), so rows that keep failing are visible to an operator.
 //!
 //! # On-disk format (`{data_dir}/outbox.sqlite3`, plus `-wal` and `-shm`)
 //!
@@ -42,10 +57,11 @@
 //!   impression_id BLOB NOT NULL UNIQUE,  -- 16-byte UUID
 //!   played_at     INTEGER NOT NULL,      -- Unix microseconds (UTC), indexed
 //!   enqueued_at   INTEGER NOT NULL,      -- Unix milliseconds when the box stored it
-//!   state         TEXT NOT NULL,         -- 'pending' | 'published'
-//!   batch_id      BLOB,                  -- envelope it was last published in
+//!   state         TEXT NOT NULL,         -- 'pending' ('published' only in files of
+//!                                        --  builds before 2026-12-02; reset at open)
+//!   batch_id      BLOB,                  -- envelope of its last unconfirmed publish
 //!   published_at  INTEGER,               -- Unix milliseconds of that publish
-//!   attempts      INTEGER NOT NULL,      -- how many times it was published
+//!   attempts      INTEGER NOT NULL,      -- publishes that went unconfirmed (requeued)
 //!   body          TEXT NOT NULL)         -- the schema::Impression JSON, seq included
 //! refused(id INTEGER PRIMARY KEY, received_at INTEGER, raw TEXT, reason TEXT)
 //! ```
@@ -64,10 +80,13 @@
 //! 3. `impression_id` is unique: a retried POST of the same play is a no-op
 //!    while the first copy is still unconfirmed (after confirmation the
 //!    centre's unique key absorbs it).
-//! 4. `state = 'published'` is a hint, not a promise: at open every published
-//!    row goes back to `pending` (the MQTT client's in-flight state died with
-//!    the process), and so it does when the broker lost our session or a
-//!    receipt did not come within the timeout.
+//! 4. "In flight" is a hint, not a promise, and lives only in the writer's
+//!    memory: at open every row is pending (the MQTT client's in-flight state
+//!    died with the process), and a run goes back to pending when the broker
+//!    lost our session or its receipt did not come within the timeout. A run
+//!    changes only with a command that succeeded, and the whole map is
+//!    restored when a group's commit fails, so it never claims more than the
+//!    file holds nor hides a row from the next claim.
 //! 5. Receipts carry the `outbox_id`; a receipt for another outbox (a file that
 //!    was deleted and re-created, whose seqs restarted) is ignored.
 //! 6. The limits (rows, bytes) refuse *new* impressions (HTTP 507); the TV then
@@ -77,6 +96,7 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use schema::{Impression, SeqRange};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -260,7 +280,9 @@ pub fn open_connection(path: &Path, cache_kib: u32) -> Result<Connection, Outbox
              attempts      INTEGER NOT NULL DEFAULT 0,
              body          TEXT NOT NULL);
          CREATE INDEX IF NOT EXISTS outbox_played_at ON outbox (played_at);
-         CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (seq) WHERE state = 'pending';
+         -- Claims no longer rewrite rows, so this index of builds before
+         -- 2026-12-02 only costs writes (an older build re-creates it).
+         DROP INDEX IF EXISTS outbox_pending;
          CREATE TABLE IF NOT EXISTS refused (
              id          INTEGER PRIMARY KEY,
              received_at INTEGER NOT NULL,
@@ -446,6 +468,7 @@ impl Outbox {
             shared: shared.clone(),
             next_seq: next,
             synced: true,
+            inflight: BTreeMap::new(),
         };
         writer.publish_gauges();
         std::thread::Builder::new()
@@ -623,6 +646,19 @@ struct Writer {
     /// The connection's current `synchronous` setting: FULL (true) for
     /// groups that must survive a power cut, NORMAL otherwise (module doc).
     synced: bool,
+    /// Rows published and awaiting a receipt, as runs of contiguous seqs
+    /// keyed by their first seq (module doc, "In-flight rows").
+    inflight: BTreeMap<i64, Run>,
+}
+
+/// A run of rows claimed together (one envelope may hold several runs when
+/// it skipped rows already in flight).
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    last: i64,
+    batch_id: Uuid,
+    /// Unix milliseconds of the claim.
+    published_at: i64,
 }
 
 impl Writer {
@@ -673,6 +709,7 @@ impl Writer {
         let started = Instant::now();
         let n = cmds.len();
         let seq_before = self.next_seq;
+        let inflight_before = self.inflight.clone();
         // Set outside the transaction (SQLite reads it at commit).
         let durable = cmds.iter().any(|c| matches!(c, Cmd::Append(..) | Cmd::Refused(..)));
         if durable != self.synced {
@@ -730,6 +767,7 @@ impl Writer {
         if let Err(e) = commit {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.next_seq = seq_before;
+            self.inflight = inflight_before;
             tracing::error!(error = %e, "outbox commit failed; nothing of this group was acknowledged");
             let msg = format!("commit: {e}");
             for r in replies {
@@ -804,30 +842,19 @@ impl Writer {
                 }
                 Err(e) => (Reply::Claim(reply, Err(e)), Delta::default(), false),
             },
-            Cmd::Requeue(batch, tx) => {
-                let r = match batch {
-                    Some(b) => self.conn.execute(
-                        "UPDATE outbox SET state = 'pending' WHERE state = 'published' AND batch_id = ?1",
-                        [b.as_bytes().as_slice()],
-                    ),
-                    None => self
-                        .conn
-                        .execute("UPDATE outbox SET state = 'pending' WHERE state = 'published'", []),
-                };
-                match r {
-                    Ok(n) => (
-                        Reply::Count(tx, Ok(n as u64)),
-                        Delta {
-                            unsent: n as i64,
-                            notify: n > 0,
-                            ..Default::default()
-                        },
-                        true,
-                    ),
-                    Err(e) => (Reply::Count(tx, Err(e.into())), Delta::default(), false),
-                }
-            }
-            Cmd::Settle(ranges, tx) => match self.settle(&ranges) {
+            Cmd::Requeue(batch, tx) => match self.requeue(batch) {
+                Ok(n) => (
+                    Reply::Count(tx, Ok(n as u64)),
+                    Delta {
+                        unsent: n as i64,
+                        notify: n > 0,
+                        ..Default::default()
+                    },
+                    true,
+                ),
+                Err(e) => (Reply::Count(tx, Err(e)), Delta::default(), false),
+            },
+            Cmd::Settle(ranges, tx) => match self.settle(&ranges, so_far) {
                 Ok((n, d)) => (Reply::Count(tx, Ok(n)), d, true),
                 Err(e) => (Reply::Count(tx, Err(e)), Delta::default(), false),
             },
@@ -914,57 +941,163 @@ impl Writer {
         Ok((out, d))
     }
 
+    /// The seq intervals not covered by an in-flight run, in order: where
+    /// pending rows are.
+    fn pending_gaps(&self) -> Vec<(i64, i64)> {
+        let mut gaps = Vec::with_capacity(self.inflight.len() + 1);
+        let mut from = i64::MIN;
+        for (&first, run) in &self.inflight {
+            if first > from {
+                gaps.push((from, first - 1));
+            }
+            from = from.max(run.last.saturating_add(1));
+        }
+        gaps.push((from, i64::MAX));
+        gaps
+    }
+
+    /// Whether `seq` lies in an in-flight run.
+    fn in_flight(&self, seq: i64) -> bool {
+        self.inflight
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, run)| run.last >= seq)
+    }
+
+    /// Takes the oldest pending rows. Read-only on the file: the claim is
+    /// recorded in [`Writer::inflight`] (module doc, "In-flight rows").
     fn claim(&mut self, max_count: usize, max_bytes: usize, batch_id: Uuid) -> Result<Vec<Claimed>, OutboxError> {
+        let max_count = max_count.max(1);
+        let gaps = self.pending_gaps();
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq, body FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT ?1")?;
-        let mut rows = stmt.query([max_count.max(1) as i64])?;
+            .prepare_cached("SELECT seq, body FROM outbox WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq LIMIT ?3")?;
         let mut out: Vec<Claimed> = Vec::new();
+        let mut runs: Vec<(i64, i64)> = Vec::new();
         let mut size = 0usize;
-        while let Some(r) = rows.next()? {
-            let body: String = r.get(1)?;
-            if !out.is_empty() && size + body.len() + 1 > max_bytes {
-                break;
+        'gaps: for (from, to) in gaps {
+            let mut rows = stmt.query(params![from, to, (max_count - out.len()) as i64])?;
+            let mut run: Option<(i64, i64)> = None;
+            let mut full = false;
+            while let Some(r) = rows.next()? {
+                let body: String = r.get(1)?;
+                if !out.is_empty() && size + body.len() + 1 > max_bytes {
+                    full = true;
+                    break;
+                }
+                let seq: i64 = r.get(0)?;
+                size += body.len() + 1;
+                out.push(Claimed { seq, body });
+                run = Some((run.map_or(seq, |(first, _)| first), seq));
             }
-            size += body.len() + 1;
-            out.push(Claimed { seq: r.get(0)?, body });
+            runs.extend(run);
+            if full || out.len() >= max_count {
+                break 'gaps;
+            }
         }
-        drop(rows);
         drop(stmt);
-        if let (Some(first), Some(last)) = (out.first(), out.last()) {
-            self.conn.execute(
-                "UPDATE outbox SET state = 'published', batch_id = ?1, published_at = ?2, attempts = attempts + 1
-                 WHERE state = 'pending' AND seq BETWEEN ?3 AND ?4",
-                params![
-                    batch_id.as_bytes().as_slice(),
-                    Utc::now().timestamp_millis(),
-                    first.seq,
-                    last.seq
-                ],
-            )?;
+        let published_at = Utc::now().timestamp_millis();
+        for (first, last) in runs {
+            self.inflight.insert(
+                first,
+                Run {
+                    last,
+                    batch_id,
+                    published_at,
+                },
+            );
         }
         Ok(out)
     }
 
-    fn settle(&mut self, ranges: &[SeqRange]) -> Result<(u64, Delta), OutboxError> {
-        let mut d = Delta::default();
+    /// Puts the in-flight rows of `batch` (or of every batch) back to
+    /// pending. This is the path of an unconfirmed publish, so it is where
+    /// the file records it: `attempts`, `batch_id` and `published_at`.
+    fn requeue(&mut self, batch: Option<Uuid>) -> Result<u64, OutboxError> {
+        let runs: Vec<(i64, Run)> = self
+            .inflight
+            .iter()
+            .filter(|(_, r)| batch.is_none_or(|b| r.batch_id == b))
+            .map(|(f, r)| (*f, *r))
+            .collect();
         let mut stmt = self.conn.prepare_cached(
-            "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING state = 'pending', length(body)",
+            "UPDATE outbox SET attempts = attempts + 1, batch_id = ?1, published_at = ?2
+             WHERE seq BETWEEN ?3 AND ?4",
         )?;
         let mut n = 0u64;
-        for r in ranges {
-            let mut rows = stmt.query(params![r.first, r.last])?;
+        for (first, r) in &runs {
+            n += stmt.execute(params![r.batch_id.as_bytes().as_slice(), r.published_at, first, r.last])? as u64;
+        }
+        drop(stmt);
+        for (first, _) in runs {
+            self.inflight.remove(&first);
+        }
+        Ok(n)
+    }
+
+    /// Deletes the rows a receipt names. When they are every stored row (a
+    /// box that is caught up: the usual case), the table is emptied with a
+    /// bare `DELETE`, which SQLite executes by releasing the pages instead of
+    /// rewriting each one; the counters then come from memory.
+    fn settle(&mut self, ranges: &[SeqRange], so_far: &Delta) -> Result<(u64, Delta), OutboxError> {
+        let mut merged: Vec<(i64, i64)> = ranges
+            .iter()
+            .filter(|r| r.first <= r.last)
+            .map(|r| (r.first, r.last))
+            .collect();
+        merged.sort_unstable();
+        merged.dedup_by(|next, prev| {
+            if next.0 <= prev.1.saturating_add(1) {
+                prev.1 = prev.1.max(next.1);
+                true
+            } else {
+                false
+            }
+        });
+        let mut d = Delta::default();
+        if let [(first, last)] = merged[..] {
+            let (lo, hi): (Option<i64>, Option<i64>) = self.conn.query_row(
+                "SELECT (SELECT MIN(seq) FROM outbox), (SELECT MAX(seq) FROM outbox)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if let (Some(lo), Some(hi)) = (lo, hi) {
+                if first <= lo && hi <= last {
+                    let n = self.conn.execute("DELETE FROM outbox", [])? as u64;
+                    let s = &self.shared;
+                    let expected = s.unconfirmed.load(Ordering::Acquire) as i64 + so_far.rows;
+                    if n as i64 != expected {
+                        tracing::warn!(deleted = n, expected, "outbox counters disagreed with the file");
+                    }
+                    d.rows = -(n as i64);
+                    d.bytes = -(s.bytes.load(Ordering::Acquire) as i64 + so_far.bytes);
+                    d.unsent = -(s.unsent.load(Ordering::Acquire) as i64 + so_far.unsent);
+                    self.inflight.clear();
+                    return Ok((n, d));
+                }
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING seq, length(body)")?;
+        let mut n = 0u64;
+        let mut deleted: Vec<i64> = Vec::new();
+        for &(first, last) in &merged {
+            let mut rows = stmt.query(params![first, last])?;
             while let Some(row) = rows.next()? {
-                let pending: bool = row.get(0)?;
+                deleted.push(row.get(0)?);
                 let len: i64 = row.get(1)?;
                 n += 1;
                 d.rows -= 1;
                 d.bytes -= len;
-                if pending {
-                    d.unsent -= 1;
-                }
             }
         }
+        drop(stmt);
+        d.unsent -= deleted.iter().filter(|&&seq| !self.in_flight(seq)).count() as i64;
+        // Runs wholly settled are done; a partly settled run keeps its
+        // remaining rows in flight (harmless for the deleted ones).
+        self.inflight
+            .retain(|&f, r| !merged.iter().any(|&(first, last)| first <= f && r.last <= last));
         if n == 0 {
             // Nothing to delete: do not count it as a receipt applied to this file.
             d.rows = 0;
@@ -1084,6 +1217,68 @@ mod tests {
             8,
             "every published row is pending again after a restart"
         );
+        ob.close().await;
+    }
+
+    #[tokio::test]
+    async fn claims_stay_in_memory_requeues_are_recorded_and_a_full_receipt_empties_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = OutboxConfig::new(dir.path());
+        let path = cfg.path();
+        let ob = Outbox::open(cfg, "s1").unwrap();
+        ob.append((0..10).map(|k| imp("s1", k)).collect()).await.unwrap();
+        let file = open_connection(&path, 64).unwrap();
+        let untouched = |file: &Connection| -> i64 {
+            file.query_row(
+                "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND attempts = 0 AND published_at IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+
+        let b1 = Uuid::now_v7();
+        let c1 = ob.claim(4, 1 << 20, b1).await.unwrap();
+        assert_eq!(c1.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(ob.counts().unsent, 6);
+        assert_eq!(untouched(&file), 10, "a claim writes nothing to the file");
+
+        // An unconfirmed publish is what the file records.
+        assert_eq!(ob.requeue(Some(b1)).await.unwrap(), 4);
+        assert_eq!(ob.counts().unsent, 10);
+        let (attempts, batch): (i64, Vec<u8>) = file
+            .query_row("SELECT attempts, batch_id FROM outbox WHERE seq = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((attempts, batch.as_slice()), (1, b1.as_bytes().as_slice()));
+        assert_eq!(untouched(&file), 6);
+
+        let all = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        assert_eq!(all.len(), 10);
+        // A partial receipt leaves the rest of the run in flight: not claimed again.
+        assert_eq!(ob.settle(vec![SeqRange { first: 3, last: 5 }]).await.unwrap(), 3);
+        assert_eq!((ob.counts().unconfirmed, ob.counts().unsent), (7, 0));
+        assert!(ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap().is_empty());
+
+        // Rows never published, settled by a receipt (a duplicate's), leave `unsent`.
+        ob.append((10..12).map(|k| imp("s1", k)).collect()).await.unwrap();
+        assert_eq!(ob.counts().unsent, 2);
+        assert_eq!(ob.settle(vec![SeqRange { first: 11, last: 11 }]).await.unwrap(), 1);
+        assert_eq!((ob.counts().unconfirmed, ob.counts().unsent), (8, 1));
+
+        // A receipt naming every stored row (in two adjacent ranges) empties
+        // the table; the counters follow from memory.
+        let n = ob
+            .settle(vec![SeqRange { first: 7, last: 20 }, SeqRange { first: 1, last: 6 }])
+            .await
+            .unwrap();
+        assert_eq!(n, 8);
+        assert_eq!(ob.counts(), Counts::default());
+        let left: i64 = file.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, 0);
+        let st = ob.stats().await.unwrap();
+        assert_eq!((st.unconfirmed, st.unsent, st.next_seq), (0, 0, 13));
         ob.close().await;
     }
 
