@@ -16,6 +16,7 @@ COPY ingestor ingestor
 COPY edge-publisher edge-publisher
 COPY analytics analytics
 COPY simulator simulator
+COPY vendor vendor
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
