@@ -103,6 +103,8 @@ pub fn status(settings: &Settings) -> anyhow::Result<serde_json::Value> {
         "oldestImpression": ts(fs.oldest_played_at),
         "newestImpression": ts(fs.newest_played_at),
         "unconfirmed": fs.unconfirmed,
+        // In-flight rows live in the service's memory: from the file alone
+        // every unconfirmed row counts as unsent.
         "unsent": fs.unsent,
         "published": fs.published,
         "bytes": fs.bytes,
