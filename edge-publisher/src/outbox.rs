@@ -844,7 +844,7 @@ impl Writer {
             },
             Cmd::Requeue(batch, tx) => match self.requeue(batch) {
                 Ok(n) => (
-                    Reply::Count(tx, Ok(n as u64)),
+                    Reply::Count(tx, Ok(n)),
                     Delta {
                         unsent: n as i64,
                         notify: n > 0,
