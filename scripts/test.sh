@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The test command: services up (installed/started when missing), then every
-# test of the workspace against the real PostgreSQL and brokers.
+# test of the workspace against the real PostgreSQL and brokers, then the unit
+# tests of the vendored, patched rumqttd (vendor/rumqttd/PATCHES.md), which
+# is outside the workspace and has its own lockfile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .ci/setup
 log "cargo test --workspace"
 cargo test --workspace "$@"
+log "cargo test (vendored rumqttd, library)"
+cargo test --manifest-path vendor/rumqttd/Cargo.toml --target-dir target/vendor-rumqttd --locked --lib

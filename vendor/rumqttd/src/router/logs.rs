@@ -61,6 +61,18 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// NeoPro patch: the filters with a `+` or `#` level. A filter without
+    /// one matches exactly the topic spelled like it (see `is_concrete`), so
+    /// only these need scanning when a topic or filter is new; the others are
+    /// found by hash lookup instead of a scan of every filter or topic.
+    wildcard_filters: Vec<(Filter, FilterIdx)>,
+}
+
+/// NeoPro patch: whether `matches(topic, filter)` is exactly
+/// `topic == filter && !topic.starts_with('$')`, i.e. no level of the filter
+/// is a wildcard.
+fn is_concrete(filter: &str) -> bool {
+    !filter.split('/').any(|level| level == "+" || level == "#")
 }
 
 impl DataLog {
@@ -69,6 +81,7 @@ impl DataLog {
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+        let mut wildcard_filters = Vec::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -77,6 +90,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if !is_concrete(&filter) {
+                    wildcard_filters.push((filter.clone(), idx));
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -87,6 +103,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            wildcard_filters,
         })
     }
 
@@ -128,12 +145,17 @@ impl DataLog {
         match &self.publish_filters.get(topic) {
             Some(v) => Some(v.to_vec()),
             None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
+                let mut v: Vec<usize> = self
+                    .wildcard_filters
                     .iter()
                     .filter(|(filter, _)| matches(topic, filter))
                     .map(|(_, filter_idx)| *filter_idx)
                     .collect();
+                if !topic.starts_with('$') && is_concrete(topic) {
+                    if let Some(idx) = self.filter_indexes.get(topic) {
+                        v.push(*idx);
+                    }
+                }
 
                 if !v.is_empty() {
                     self.publish_filters.insert(topic.to_owned(), v.clone());
@@ -159,9 +181,18 @@ impl DataLog {
                 self.filter_indexes.insert(filter.to_owned(), idx);
 
                 // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
+                if is_concrete(filter) {
+                    if !filter.starts_with('$') {
+                        if let Some(filters) = publish_filters.get_mut(filter) {
+                            filters.push(idx);
+                        }
+                    }
+                } else {
+                    self.wildcard_filters.push((filter.to_owned(), idx));
+                    for (topic, filters) in publish_filters.iter_mut() {
+                        if matches(topic, filter) {
+                            filters.push(idx);
+                        }
                     }
                 }
 
@@ -300,6 +331,13 @@ impl DataLog {
         });
 
         // no need to include timestamp when returning
+        if is_concrete(filter) {
+            // NeoPro patch: the one topic a concrete filter can match.
+            return match self.retained_publishes.get(filter) {
+                Some(p) if !filter.starts_with('$') => vec![(p.publish.clone(), p.properties.clone())],
+                _ => Vec::new(),
+            };
+        }
         self.retained_publishes
             .iter()
             .filter(|(topic, _)| matches(topic, filter))
@@ -475,6 +513,72 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    /// NeoPro patch: the indexed lookups of concrete filters give exactly
+    /// what upstream's scan with `matches` gave, whatever the order in
+    /// which filters are subscribed and topics published or retained.
+    #[test]
+    fn indexed_concrete_filters_match_as_the_full_scan_did() {
+        use crate::protocol::{matches, Publish};
+        use std::collections::BTreeSet;
+
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: Some(vec!["warm/+".to_owned(), "warm/a".to_owned()]),
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        let filters = [
+            "neopro/sites/a/receipts", "neopro/sites/+/impressions", "neopro/sites/a/impressions",
+            "neopro/#", "#", "+/+", "a", "a/", "/a", "a//b", "a/+", "$SYS/x", "$SYS/#", "+/x",
+            "warm/b", "neopro/sites/b/status",
+        ];
+        let topics = [
+            "neopro/sites/a/receipts", "neopro/sites/a/impressions", "neopro/sites/b/status",
+            "neopro/sites/b/impressions", "a", "a/", "/a", "a//b", "a/b", "$SYS/x", "x/x",
+            "warm/a", "warm/b", "never/subscribed",
+        ];
+        // Interleave subscriptions and first publishes both ways round.
+        let mut data = DataLog::new(config).unwrap();
+        let mut subscribed: Vec<String> = vec!["warm/+".to_owned(), "warm/a".to_owned()];
+        for (i, f) in filters.iter().enumerate() {
+            if let Some(t) = topics.get(i) {
+                data.matches(t);
+                data.insert_to_retained_publishes(
+                    Publish::new(t.as_bytes().to_vec(), vec![1u8], true),
+                    None,
+                    (*t).to_owned(),
+                );
+            }
+            data.next_native_offset(f);
+            subscribed.push((*f).to_owned());
+        }
+        for t in topics {
+            let got: BTreeSet<usize> = data.matches(t).unwrap().into_iter().collect();
+            let want: BTreeSet<usize> = subscribed
+                .iter()
+                .filter(|f| matches(t, f))
+                .map(|f| data.filter_indexes[f.as_str()])
+                .collect();
+            assert_eq!(got, want, "filters of topic {t}");
+        }
+        for f in &subscribed {
+            let got: BTreeSet<String> = data
+                .read_retained_messages(f)
+                .into_iter()
+                .map(|(p, _)| String::from_utf8(p.topic.to_vec()).unwrap())
+                .collect();
+            let want: BTreeSet<String> = topics
+                .iter()
+                .filter(|t| matches(t, f))
+                .map(|t| (*t).to_owned())
+                .collect();
+            assert_eq!(got, want, "retained messages of filter {f}");
+        }
     }
 
     //     #[test]
