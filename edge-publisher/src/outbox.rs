@@ -19,7 +19,8 @@
 //! Only a transaction that holds something the box promised to keep is
 //! synced: an append (the TV was or will be told "stored") and a refused
 //! record (the operator's evidence). A group of only requeues and
-//! settlements (a claim writes nothing) commits with `synchronous=NORMAL` instead: in WAL mode that
+//! settlements (a claim writes nothing) commits with `synchronous=NORMAL`
+//! instead: in WAL mode that
 //! cannot corrupt the file, and what a power cut can take back is a suffix of
 //! such transactions (the WAL is replayed as a prefix). Losing them is
 //! harmless by construction: a lost requeue only loses its diagnostic
@@ -1094,10 +1095,27 @@ impl Writer {
         }
         drop(stmt);
         d.unsent -= deleted.iter().filter(|&&seq| !self.in_flight(seq)).count() as i64;
-        // Runs wholly settled are done; a partly settled run keeps its
-        // remaining rows in flight (harmless for the deleted ones).
-        self.inflight
-            .retain(|&f, r| !merged.iter().any(|&(first, last)| first <= f && r.last <= last));
+        // Runs wholly settled are done. A run settled in part (receipts that
+        // split it, rare) stays while it still holds rows, so that no run
+        // outlives its rows in a process that runs for months.
+        let touched: Vec<(i64, i64)> = self
+            .inflight
+            .iter()
+            .filter(|(&f, r)| merged.iter().any(|&(first, last)| first <= r.last && f <= last))
+            .map(|(&f, r)| (f, r.last))
+            .collect();
+        for (f, l) in touched {
+            let wholly = merged.iter().any(|&(first, last)| first <= f && l <= last);
+            let holds_rows = !wholly
+                && self.conn.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE seq BETWEEN ?1 AND ?2)",
+                    params![f, l],
+                    |r| r.get::<_, bool>(0),
+                )?;
+            if !holds_rows {
+                self.inflight.remove(&f);
+            }
+        }
         if n == 0 {
             // Nothing to delete: do not count it as a receipt applied to this file.
             d.rows = 0;
@@ -1260,6 +1278,16 @@ mod tests {
         assert_eq!(ob.settle(vec![SeqRange { first: 3, last: 5 }]).await.unwrap(), 3);
         assert_eq!((ob.counts().unconfirmed, ob.counts().unsent), (7, 0));
         assert!(ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap().is_empty());
+        assert_eq!(
+            ob.requeue(None).await.unwrap(),
+            7,
+            "the run's remaining rows are still in flight"
+        );
+        let again = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        assert_eq!(
+            again.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            vec![1, 2, 6, 7, 8, 9, 10]
+        );
 
         // Rows never published, settled by a receipt (a duplicate's), leave `unsent`.
         ob.append((10..12).map(|k| imp("s1", k)).collect()).await.unwrap();
