@@ -32,6 +32,13 @@
 //!    both start after a `CHECKPOINT` ([`pg::settle`]), so neither pays for
 //!    the other's dirty buffers.
 //!
+//! Before the last line, a `cpu:` line says where each timed phase's CPU went
+//! (machine cores busy; core-microseconds per row spent by the PostgreSQL
+//! server and by this process, split from the box-host processes when the
+//! boxes run there; [`crate::cpu`]): the ratio compares a chain that runs
+//! the fleet, the broker, the ingestor and the rollups on the same cores
+//! with one bare COPY stream, and that line shows what each side paid.
+//!
 //! The last line is exactly
 //! `e2e_rows_per_s=<n> copy_rows_per_s=<n> ratio=<x> p99_ms=<n>`.
 
@@ -44,6 +51,7 @@ use uuid::Uuid;
 
 use crate::catalogue::Catalogue;
 use crate::cli::BenchArgs;
+use crate::cpu;
 use crate::demo::run_identity;
 use crate::fleet::{self, BrokerChoice, EdgeTuning, Ingestor};
 use crate::hosts::{self, Boxes, Placement};
@@ -144,11 +152,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     // 2. Throughput: start every box; stop when every outbox is empty. The
     // server starts as quiet as it will be for the baseline (step 5).
     pg::settle(&pool).await;
+    let pg_local = cpu::is_local_server(&db_url);
+    let cpu0 = cpu::Snapshot::take(pg_local);
     let t0 = Instant::now();
     edges.start().await?;
     let started_in = t0.elapsed();
     let done = wait_empty(&mut edges, Duration::from_secs(args.timeout_secs)).await?;
     let e2e_elapsed = t0.elapsed();
+    let e2e_cpu = cpu0.until(&cpu::Snapshot::take(pg_local));
     anyhow::ensure!(
         done,
         "timeout: {} impressions still unconfirmed after {} s",
@@ -255,6 +266,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     }
 
     let left = edges.unconfirmed().await?;
+    let edges_in_children = edges.processes() > 0;
     edges.stop().await.context("stopping the boxes")?;
     let _ = ingestor.stop().await;
     fleet::forget_sessions(
@@ -288,7 +300,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
 
     // 5. The baseline: the step-2 rows, raw binary COPY, same table.
     let rows: Vec<&schema::Impression> = sites.iter().flat_map(|s| s.plays.iter()).collect();
-    let copy = pg::copy_baseline(&pool, &rows, args.copy_chunk).await?;
+    let copy = pg::copy_baseline(&pool, &rows, args.copy_chunk, pg_local).await?;
     println!(
         "copy: {} rows in {:.2}s = {:.0} rows/s (binary COPY, {} rows per statement, same table, truncated first)",
         copy.rows,
@@ -297,6 +309,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         args.copy_chunk
     );
     pool.close().await;
+    let rows_n = (n * m) as u64;
+    // Where the e2e phase's CPU went. With the boxes in child processes the
+    // server side (broker, ingestor) and the simulated fleet are told apart.
+    let ours = if edges_in_children {
+        format!(
+            "broker and ingestor (this process)={} boxes (box-host processes)={}",
+            cpu::Usage::per_row(
+                e2e_cpu.ours_s.zip(e2e_cpu.children_s).map(|(o, c)| (o - c).max(0.0)),
+                rows_n
+            ),
+            cpu::Usage::per_row(e2e_cpu.children_s, rows_n),
+        )
+    } else {
+        format!(
+            "boxes, broker and ingestor (this process)={}",
+            cpu::Usage::per_row(e2e_cpu.ours_s, rows_n)
+        )
+    };
+    println!(
+        "cpu: e2e {}, core-us per row: postgres={} {ours}; copy {}, core-us per row: postgres={} this process={}",
+        e2e_cpu.busy_cores(),
+        cpu::Usage::per_row(e2e_cpu.postgres_s, rows_n),
+        copy.cpu.busy_cores(),
+        cpu::Usage::per_row(copy.cpu.postgres_s, copy.rows),
+        cpu::Usage::per_row(copy.cpu.ours_s, copy.rows),
+    );
 
     let p99 = if hist.is_empty() {
         "nan".to_owned()

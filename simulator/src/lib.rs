@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod catalogue;
 pub mod cli;
+pub mod cpu;
 pub mod demo;
 pub mod faults;
 pub mod feed;

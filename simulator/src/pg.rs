@@ -113,6 +113,8 @@ pub async fn insert_catalogue(pool: &PgPool, catalogue: &Catalogue, sites: &[Sit
 pub struct CopyRun {
     pub rows: u64,
     pub elapsed: Duration,
+    /// CPU used over `elapsed` (see [`crate::cpu`]).
+    pub cpu: crate::cpu::Usage,
 }
 
 impl CopyRun {
@@ -125,11 +127,18 @@ impl CopyRun {
 /// one COPY per `chunk` rows on one connection, each its own transaction, as
 /// a loader would) and returns the rows/s. The clock covers encoding and the
 /// server's work, until the last COPY is committed.
-pub async fn copy_baseline(pool: &PgPool, rows: &[&Impression], chunk: usize) -> anyhow::Result<CopyRun> {
+/// `postgres_local`: whether the server's CPU time can be read here.
+pub async fn copy_baseline(
+    pool: &PgPool,
+    rows: &[&Impression],
+    chunk: usize,
+    postgres_local: bool,
+) -> anyhow::Result<CopyRun> {
     sqlx::query("TRUNCATE sponsor_impressions").execute(pool).await?;
     settle(pool).await;
     let mut conn = pool.acquire().await?;
     let batch_id = Uuid::now_v7();
+    let cpu0 = crate::cpu::Snapshot::take(postgres_local);
     let start = Instant::now();
     for part in rows.chunks(chunk.max(1)) {
         // The ingestor's own encoder: the same bytes it sends.
@@ -146,6 +155,7 @@ pub async fn copy_baseline(pool: &PgPool, rows: &[&Impression], chunk: usize) ->
         copy.finish().await.context("finishing COPY")?;
     }
     let elapsed = start.elapsed();
+    let cpu = cpu0.until(&crate::cpu::Snapshot::take(postgres_local));
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sponsor_impressions")
         .fetch_one(&mut *conn)
         .await?;
@@ -155,6 +165,7 @@ pub async fn copy_baseline(pool: &PgPool, rows: &[&Impression], chunk: usize) ->
     Ok(CopyRun {
         rows: rows.len() as u64,
         elapsed,
+        cpu,
     })
 }
 
