@@ -94,8 +94,9 @@ pub struct DemoArgs {
     /// Simulated TV boxes.
     #[arg(long, default_value_t = 20)]
     pub sites: usize,
-    /// Plays per box.
-    #[arg(long, default_value_t = 200)]
+    /// Plays per box (the default is about a week of a club's plays, so the
+    /// summary shows the last weekend's matches whatever day it runs).
+    #[arg(long, default_value_t = crate::plays::DEMO_PLAYS_PER_SITE)]
     pub plays_per_site: usize,
     /// Database the demo (re)creates on the server of DATABASE_URL.
     #[arg(long, env = "NEOPRO_SIM_DATABASE", default_value = "neopro_demo")]

@@ -40,6 +40,14 @@ use crate::catalogue::Catalogue;
 /// The default seed: fixed, so `neopro-sim demo` plays the same every time.
 pub const DEFAULT_SEED: u64 = 20_251_214;
 
+/// Plays per box in `neopro-sim demo`: about a week of a club's plays (a
+/// clubhouse loop most days is 100-300 plays, a training evening about 240,
+/// a match 150-200). Plays are the newest before the end day (today), so
+/// with a day's worth (200) a demo run on a weekday showed nothing but loops;
+/// a week always holds the last weekend's matches and their pre-match,
+/// halftime and post-match periods.
+pub const DEMO_PLAYS_PER_SITE: usize = 1_500;
+
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct FleetSpec {
@@ -383,6 +391,43 @@ mod tests {
         assert!(no_audience > 0, "some boxes never estimate");
         assert_eq!(periods.len(), 4, "{periods:?}");
         assert!(events.contains(&EventType::Match) && events.contains(&EventType::Training));
+    }
+
+    /// The demo's summary shows every period and the club's kinds of events
+    /// whatever the weekday it runs on (plays end before `end_day`).
+    #[test]
+    fn the_demo_fleet_shows_matches_and_trainings_on_any_weekday() {
+        let c = Catalogue::standard();
+        let monday = NaiveDate::from_ymd_opt(2026, 11, 30).unwrap();
+        for offset in 0..7 {
+            let end_day = monday + Duration::days(offset);
+            let s = FleetSpec {
+                end_day,
+                ..spec(20, DEMO_PLAYS_PER_SITE, DEFAULT_SEED)
+            };
+            let mut periods = HashSet::new();
+            let mut events = HashSet::new();
+            for site in generate(&s, &c) {
+                assert_eq!(site.plays.len(), DEMO_PLAYS_PER_SITE);
+                for p in &site.plays {
+                    periods.insert(p.period);
+                    events.insert(p.event_type);
+                }
+            }
+            assert_eq!(
+                periods.len(),
+                4,
+                "end day {end_day} ({}): {periods:?}",
+                end_day.weekday()
+            );
+            for e in [EventType::Match, EventType::Training, EventType::Other] {
+                assert!(
+                    events.contains(&e),
+                    "end day {end_day} ({}): no {e:?}",
+                    end_day.weekday()
+                );
+            }
+        }
     }
 
     #[test]
