@@ -71,24 +71,43 @@ impl Observer {
     }
 
     fn alerts(&self, alerts: Vec<Alert>) {
+        // A subscriber that falls behind jumps its cursor once per read of
+        // the log, often dozens of times in one second: one line per
+        // (client, filter) and batch of alerts, with the count, not dozens.
+        let mut jumps: Vec<(String, String, u64)> = Vec::new();
         for a in alerts {
             let kind = a.kind.name();
             metrics::counter!("neopro_broker_alerts_total", "kind" => kind.clone()).increment(1);
             if kind == "cursor_jump" {
                 self.cursor_jumps.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    client_id = %a.client_id,
-                    detail = %a.kind.description(),
-                    "LOG OVERFLOW: subscriber fell behind the broker's in-memory log and lost messages \
-                     (slow or absent consumer). Edges will resend what has no receipt; enlarge \
-                     log.outage_messages if this recurs"
-                );
+                let filter = jump_filter(&a.kind.description());
+                match jumps.iter_mut().find(|(c, f, _)| *c == a.client_id && *f == filter) {
+                    Some(j) => j.2 += 1,
+                    None => jumps.push((a.client_id, filter, 1)),
+                }
             } else {
                 self.bad_publishes.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(client_id = %a.client_id, kind, detail = %a.kind.description(), "broker alert");
             }
         }
+        for (client_id, filter, n) in jumps {
+            tracing::error!(
+                client_id = %client_id,
+                filter = %filter,
+                jumps = n,
+                "LOG OVERFLOW: subscriber fell behind the broker's in-memory log and lost messages \
+                 (slow or absent consumer; rumqttd does not count them). Edges will resend what has no \
+                 receipt; enlarge log.outage_messages if this recurs"
+            );
+        }
     }
+}
+
+/// The filter named in a cursor-jump alert's description (`Filter: <f>,
+/// Lost: 0`; rumqttd always reports 0 lost, so only the filter is kept).
+fn jump_filter(description: &str) -> String {
+    let d = description.strip_prefix("Filter: ").unwrap_or(description);
+    d.rsplit_once(", Lost:").map_or(d, |(f, _)| f).to_owned()
 }
 
 /// Starts the thread that drains both links.
@@ -105,4 +124,18 @@ pub fn spawn(observer: Arc<Observer>, meters: MetersLink, alerts: AlertsLink) ->
             std::thread::sleep(Duration::from_millis(250));
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jump_filter;
+
+    #[test]
+    fn the_filter_is_read_from_the_alert_and_the_meaningless_count_dropped() {
+        assert_eq!(
+            jump_filter("Filter: neopro/sites/+/impressions, Lost: 0"),
+            "neopro/sites/+/impressions"
+        );
+        assert_eq!(jump_filter("something else"), "something else");
+    }
 }
