@@ -315,16 +315,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let ours = if edges_in_children {
         format!(
             "broker and ingestor (this process)={} boxes (box-host processes)={}",
-            cpu::Usage::per_row(
-                e2e_cpu.ours_s.zip(e2e_cpu.children_s).map(|(o, c)| (o - c).max(0.0)),
-                rows_n
-            ),
+            cpu::Usage::per_row(e2e_cpu.own_s, rows_n),
             cpu::Usage::per_row(e2e_cpu.children_s, rows_n),
         )
     } else {
         format!(
             "boxes, broker and ingestor (this process)={}",
-            cpu::Usage::per_row(e2e_cpu.ours_s, rows_n)
+            cpu::Usage::per_row(e2e_cpu.ours_s(), rows_n)
         )
     };
     println!(
@@ -333,7 +330,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         cpu::Usage::per_row(e2e_cpu.postgres_s, rows_n),
         copy.cpu.busy_cores(),
         cpu::Usage::per_row(copy.cpu.postgres_s, copy.rows),
-        cpu::Usage::per_row(copy.cpu.ours_s, copy.rows),
+        cpu::Usage::per_row(copy.cpu.ours_s(), copy.rows),
     );
 
     let p99 = if hist.is_empty() {

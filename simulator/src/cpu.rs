@@ -18,15 +18,11 @@
 //! Reading `/proc` never fails the benchmark: what cannot be read is `None`
 //! and printed as `n/a` (everything, on a system without `/proc`).
 
-/// Cumulative CPU times at one moment, in clock ticks.
+/// Cumulative CPU times at one moment.
 #[derive(Clone, Copy, Debug)]
 pub struct Snapshot {
     at: std::time::Instant,
-    machine_busy: Option<u64>,
-    machine_total: Option<u64>,
-    ours: Option<u64>,
-    children: Option<u64>,
-    postgres: Option<u64>,
+    ticks: Ticks,
 }
 
 /// CPU used between two snapshots, in seconds.
@@ -36,9 +32,9 @@ pub struct Usage {
     pub wall_s: f64,
     pub machine_busy_s: Option<f64>,
     pub machine_total_s: Option<f64>,
-    /// This process and its children.
-    pub ours_s: Option<f64>,
-    /// Its children alone (the box-host processes of the bench).
+    /// This process alone (with the children it has reaped).
+    pub own_s: Option<f64>,
+    /// Its live children (the box-host processes of the bench).
     pub children_s: Option<f64>,
     pub postgres_s: Option<f64>,
 }
@@ -47,15 +43,9 @@ impl Snapshot {
     /// Reads the counters now. `postgres_local`: whether the database server
     /// runs on this machine (otherwise its processes are not ours to read).
     pub fn take(postgres_local: bool) -> Snapshot {
-        let at = std::time::Instant::now();
-        let t = read(postgres_local);
         Snapshot {
-            at,
-            machine_busy: t.machine.map(|m| m.0),
-            machine_total: t.machine.map(|m| m.1),
-            ours: t.ours,
-            children: t.children,
-            postgres: t.postgres,
+            at: std::time::Instant::now(),
+            ticks: read(postgres_local),
         }
     }
 
@@ -66,23 +56,24 @@ impl Snapshot {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / hz),
             _ => None,
         };
+        let (a, b) = (&self.ticks, &later.ticks);
         Usage {
             wall_s: later.at.duration_since(self.at).as_secs_f64(),
-            machine_busy_s: d(self.machine_busy, later.machine_busy),
-            machine_total_s: d(self.machine_total, later.machine_total),
-            ours_s: d(self.ours, later.ours),
-            children_s: d(self.children, later.children),
-            postgres_s: d(self.postgres, later.postgres),
+            machine_busy_s: d(a.machine.map(|m| m.0), b.machine.map(|m| m.0)),
+            machine_total_s: d(a.machine.map(|m| m.1), b.machine.map(|m| m.1)),
+            own_s: d(a.own, b.own),
+            children_s: d(a.children, b.children),
+            postgres_s: d(a.postgres, b.postgres),
         }
     }
 }
 
-/// Raw counters, in ticks.
-#[derive(Default)]
+/// Raw counters, in clock ticks.
+#[derive(Clone, Copy, Debug, Default)]
 struct Ticks {
     /// (busy, busy + idle) of the whole machine.
     machine: Option<(u64, u64)>,
-    ours: Option<u64>,
+    own: Option<u64>,
     children: Option<u64>,
     postgres: Option<u64>,
 }
@@ -99,7 +90,7 @@ fn read(postgres_local: bool) -> Ticks {
         (busy, busy + idle)
     });
     let me = std::process::id() as i32;
-    let mut ours = Process::myself()
+    let own = Process::myself()
         .and_then(|p| p.stat())
         .ok()
         .map(|s| s.utime + s.stime + non_negative(s.cutime) + non_negative(s.cstime));
@@ -111,7 +102,6 @@ fn read(postgres_local: bool) -> Ticks {
             let Ok(s) = p.stat() else { continue };
             let total = s.utime + s.stime + non_negative(s.cutime) + non_negative(s.cstime);
             if s.ppid == me {
-                ours = ours.map(|o| o + total);
                 children = children.map(|c| c + total);
             }
             if s.comm == "postgres" {
@@ -123,7 +113,7 @@ fn read(postgres_local: bool) -> Ticks {
     }
     Ticks {
         machine,
-        ours,
+        own,
         children,
         postgres,
     }
@@ -150,6 +140,11 @@ fn non_negative(v: i64) -> u64 {
 }
 
 impl Usage {
+    /// This process and its live children.
+    pub fn ours_s(&self) -> Option<f64> {
+        Some(self.own_s? + self.children_s.unwrap_or(0.0))
+    }
+
     /// CPU microseconds per row of `seconds` (`n/a` when unknown).
     pub fn per_row(seconds: Option<f64>, rows: u64) -> String {
         match seconds {
@@ -211,12 +206,12 @@ mod tests {
                 x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             }
             let used = before.until(&Snapshot::take(false));
-            if used.ours_s.expect("own /proc entry is readable") >= 0.05 || std::time::Instant::now() > deadline {
+            if used.ours_s().expect("own /proc entry is readable") >= 0.05 || std::time::Instant::now() > deadline {
                 break used;
             }
         };
         std::hint::black_box(x);
-        let ours = used.ours_s.expect("own /proc entry is readable");
+        let ours = used.ours_s().expect("own /proc entry is readable");
         assert!(ours >= 0.05, "our CPU time never moved: {used:?}");
         assert!(used.postgres_s.is_none(), "not asked for");
         let busy = used.machine_busy_s.expect("/proc/stat is readable");
