@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use outbox::{AppendOutcome, Counts, Outbox, OutboxConfig, OutboxError};
-pub use publisher::BrokerHealth;
+pub use publisher::{BrokerHealth, PublishGate};
 pub use settings::Settings;
 
 /// This build's version, reported in the status message and stats.
@@ -51,6 +51,7 @@ pub struct App {
     health: Arc<BrokerHealth>,
     listener: Option<TcpListener>,
     http_addr: Option<SocketAddr>,
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for App {
@@ -86,7 +87,18 @@ impl App {
             health: Arc::new(BrokerHealth::default()),
             listener,
             http_addr,
+            gate: None,
         })
+    }
+
+    /// Makes [`App::run`] connect and subscribe but publish nothing until the
+    /// returned gate is opened (see [`PublishGate`] for why; the fleet
+    /// simulator's benchmark uses it). [`BrokerHealth::ready`] tells when the
+    /// session is up.
+    pub fn hold_publishing(&mut self) -> PublishGate {
+        let (gate, rx) = PublishGate::closed();
+        self.gate = Some(rx);
+        gate
     }
 
     /// The bound HTTP address (port 0 resolved), if HTTP is enabled.
@@ -116,9 +128,10 @@ impl App {
             outbox,
             health,
             listener,
+            gate,
             ..
         } = self;
-        let publisher = publisher::Publisher::new(settings.clone(), outbox.clone(), health.clone())?;
+        let publisher = publisher::Publisher::new(settings.clone(), outbox.clone(), health.clone(), gate)?;
         let pub_task = tokio::spawn(publisher.run(shutdown.clone()));
         let http_task = listener.map(|l| {
             let state = http::HttpState {

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -43,6 +43,9 @@ const ENVELOPE_OVERHEAD: usize = 512;
 #[derive(Debug, Default)]
 pub struct BrokerHealth {
     connected: AtomicBool,
+    /// The broker acknowledged the receipts subscription on the current
+    /// connection (a receipt for anything published from now on reaches us).
+    subscribed: AtomicBool,
     connects: AtomicU64,
     sessions_lost: AtomicU64,
     last_receipt_ms: AtomicI64,
@@ -74,6 +77,12 @@ impl BrokerHealth {
         self.connected.load(Ordering::Acquire)
     }
 
+    /// Connected, and the receipts subscription of this connection is
+    /// acknowledged: a session ready to publish and be answered.
+    pub fn ready(&self) -> bool {
+        self.connected() && self.subscribed.load(Ordering::Acquire)
+    }
+
     pub fn snapshot(&self, url: String) -> BrokerSnapshot {
         let ms = |a: &AtomicI64| {
             let v = a.load(Ordering::Acquire);
@@ -96,6 +105,9 @@ impl BrokerHealth {
     }
 
     fn set_connected(&self, c: bool) {
+        if !c {
+            self.subscribed.store(false, Ordering::Release);
+        }
         self.connected.store(c, Ordering::Release);
         self.last_change_ms
             .store(Utc::now().timestamp_millis(), Ordering::Release);
@@ -133,16 +145,49 @@ pub struct Publisher {
     outbox: Outbox,
     health: Arc<BrokerHealth>,
     topics: Topics,
+    gate: Option<watch::Receiver<bool>>,
+}
+
+/// Holds a box's publishing back while its session is established
+/// ([`crate::App::hold_publishing`]); [`PublishGate::open`] lets it go.
+///
+/// Why: the fleet simulator's benchmark times the flow of impressions
+/// through sessions that are already up, as a fleet's are (a box connects
+/// once per boot, then publishes for days). Without a gate a box publishes
+/// as soon as it is connected, so a thousand connects would be timed with
+/// the impressions. A box in production has no gate.
+#[derive(Debug)]
+pub struct PublishGate(watch::Sender<bool>);
+
+impl PublishGate {
+    /// A closed gate and the receiver the publisher watches.
+    pub(crate) fn closed() -> (Self, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (Self(tx), rx)
+    }
+
+    /// Lets the box publish (idempotent).
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Publisher {
-    pub fn new(settings: Settings, outbox: Outbox, health: Arc<BrokerHealth>) -> anyhow::Result<Self> {
+    /// `gate`: when given, nothing is published before it is opened
+    /// ([`PublishGate`]); the session is established meanwhile.
+    pub fn new(
+        settings: Settings,
+        outbox: Outbox,
+        health: Arc<BrokerHealth>,
+        gate: Option<watch::Receiver<bool>>,
+    ) -> anyhow::Result<Self> {
         let topics = Topics::new(settings.topic_prefix.clone()).map_err(anyhow::Error::msg)?;
         Ok(Self {
             settings,
             outbox,
             health,
             topics,
+            gate,
         })
     }
 
@@ -220,8 +265,10 @@ impl Publisher {
         let mut check_tick =
             tokio::time::interval((timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
         check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gate = self.gate.clone();
 
         loop {
+            let released = gate.as_ref().is_none_or(|g| *g.borrow());
             // Publish what is due, within the in-flight bound.
             let unsent = self.outbox.counts().unsent;
             if unsent == 0 {
@@ -229,7 +276,7 @@ impl Publisher {
             } else if due_at.is_none() {
                 due_at = Some(Instant::now() + delay);
             }
-            if connected && !stalled && inflight.len() < s.max_inflight_batches && unsent > 0 {
+            if connected && released && !stalled && inflight.len() < s.max_inflight_batches && unsent > 0 {
                 let full = unsent >= s.batch_max_impressions as u64;
                 if full || due_at.is_some_and(|d| Instant::now() >= d) {
                     match self.publish_batch(&client, &impressions_topic).await {
@@ -253,7 +300,7 @@ impl Publisher {
             }
             let wake = match due_at {
                 _ if stalled => Instant::now() + Duration::from_secs(1),
-                Some(d) if connected && inflight.len() < s.max_inflight_batches => d,
+                Some(d) if connected && released && inflight.len() < s.max_inflight_batches => d,
                 _ => Instant::now() + Duration::from_secs(3600),
             };
             stalled = false;
@@ -300,6 +347,12 @@ impl Publisher {
                 },
                 () = self.outbox.pending_notified() => {}
                 () = tokio::time::sleep_until(wake) => {}
+                r = async { gate.as_mut().expect("guarded").changed().await }, if !released => {
+                    // Opened (or the gate was dropped, which opens it too).
+                    if r.is_err() {
+                        gate = None;
+                    }
+                }
                 _ = status_tick.tick() => {
                     if connected {
                         let st = self.status_with_age(true).await;
@@ -491,6 +544,10 @@ async fn io_loop(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let _ = tx.send(IoEvent::Message(p));
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                // The receipts topic is this client's only subscription.
+                health.subscribed.store(true, Ordering::Release);
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 health.set_connected(false);

@@ -45,3 +45,49 @@ async fn embedded_broker_delivers_everything_once_even_with_lost_receipts() {
     }
     edge.stop().await;
 }
+
+/// A held box connects and subscribes but publishes nothing until its gate
+/// opens; then everything it stored is delivered and the outbox empties.
+#[tokio::test]
+async fn a_held_box_is_ready_but_publishes_only_once_released() {
+    init();
+    let broker = broker::EmbeddedBroker::start_for_tests().unwrap();
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let peer = ReceiptPeer::start(&url.parse().unwrap(), &prefix, 0).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let s = settings(dir.path(), &url, &prefix);
+    let site = s.site_id.clone();
+    let mut app = edge_publisher::App::build(s).await.unwrap();
+    let gate = app.hold_publishing();
+    let base = format!("http://{}", app.http_addr().unwrap());
+    let outbox = app.outbox().clone();
+    let health = app.health();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(app.run(token.clone()));
+    let recs = records("held", 0, 40);
+    let (status, _) = post(&reqwest::Client::new(), &base, body(&recs)).await;
+    assert_eq!(status, 200);
+    wait_until("session ready", 30, || {
+        let h = health.clone();
+        async move { h.ready() }
+    })
+    .await;
+    // Ready, and five times the batch delay (100 ms) has passed: still
+    // nothing published.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(peer.state.lock().unwrap().envelopes, 0, "a held box published");
+    assert_eq!(outbox.counts().unconfirmed, 40);
+    gate.open();
+    wait_until("outbox empty", 30, || {
+        let o = outbox.clone();
+        async move { o.counts().unconfirmed == 0 }
+    })
+    .await;
+    let got: HashSet<_> = peer.state.lock().unwrap().committed.keys().copied().collect();
+    let want: HashSet<_> = recs.iter().map(|r| id_of(&site, r)).collect();
+    assert_eq!(got, want);
+    token.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -155,6 +155,10 @@ pub struct Edge {
     settings: edge_publisher::Settings,
     app: Option<edge_publisher::App>,
     running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    /// Broker session state of the running app.
+    health: Option<std::sync::Arc<edge_publisher::BrokerHealth>>,
+    /// Set by [`Edge::connect_held`] until [`Edge::release`].
+    gate: Option<edge_publisher::PublishGate>,
 }
 
 impl std::fmt::Debug for Edge {
@@ -215,12 +219,37 @@ impl Edge {
             settings: s,
             app: Some(app),
             running: None,
+            health: None,
+            gate: None,
         })
     }
 
     /// Starts publishing (connects to the broker).
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        let app = match self.app.take() {
+        self.run(false).await
+    }
+
+    /// Connects to the broker and subscribes, but publishes nothing until
+    /// [`Edge::release`] (see `edge_publisher::PublishGate`);
+    /// [`Edge::ready`] tells when the session is up.
+    pub async fn connect_held(&mut self) -> anyhow::Result<()> {
+        self.run(true).await
+    }
+
+    /// Connected, receipts subscription acknowledged.
+    pub fn ready(&self) -> bool {
+        self.health.as_ref().is_some_and(|h| h.ready())
+    }
+
+    /// Lets a box started by [`Edge::connect_held`] publish.
+    pub fn release(&mut self) {
+        if let Some(g) = self.gate.take() {
+            g.open();
+        }
+    }
+
+    async fn run(&mut self, held: bool) -> anyhow::Result<()> {
+        let mut app = match self.app.take() {
             Some(a) => a,
             None => {
                 let app = edge_publisher::App::build(self.settings.clone()).await?;
@@ -228,6 +257,8 @@ impl Edge {
                 app
             }
         };
+        self.gate = held.then(|| app.hold_publishing());
+        self.health = Some(app.health());
         let token = CancellationToken::new();
         let task = tokio::spawn(app.run(token.clone()));
         self.running = Some((token, task));

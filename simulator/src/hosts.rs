@@ -20,6 +20,9 @@
 //!   generates the plays of its sites (seeded: the same as the parent's),
 //!   opens and fills their outboxes, then answers `ready`;
 //! * `start` → every box connects and publishes; answer `started`;
+//! * `connect` → every box connects and subscribes, publishing nothing; answer
+//!   `connected` once every session is up (`release` follows);
+//! * `release` → every connected box starts publishing; answer `released`;
 //! * `count` → answer `unconfirmed <n>`: impressions still in its outboxes,
 //!   plus those of appends received but not yet committed (so that a zero is
 //!   never read before an append landed);
@@ -45,6 +48,9 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use crate::catalogue::Catalogue;
 use crate::fleet::{self, Edge, EdgeTuning};
 use crate::plays::{generate_site, FleetSpec, SitePlays};
+
+/// How long a host waits for its boxes' sessions (`connect`).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Rows per append while filling (one outbox transaction each).
 pub const FILL_CHUNK: usize = 500;
@@ -359,6 +365,52 @@ impl Boxes {
         Ok(())
     }
 
+    /// Every box connects and subscribes but publishes nothing until
+    /// [`Boxes::release`]; returns once every session is up (or fails after
+    /// `timeout`). The benchmark times only what follows.
+    pub async fn connect(&mut self, timeout: std::time::Duration) -> anyhow::Result<()> {
+        match self {
+            Boxes::Local(edges, _) => {
+                for e in edges.iter_mut() {
+                    e.connect_held().await?;
+                }
+                let deadline = tokio::time::Instant::now() + timeout;
+                loop {
+                    let waiting = edges.iter().filter(|e| !e.ready()).count();
+                    if waiting == 0 {
+                        return Ok(());
+                    }
+                    anyhow::ensure!(
+                        tokio::time::Instant::now() < deadline,
+                        "{waiting} of {} boxes not connected after {} s",
+                        edges.len(),
+                        timeout.as_secs()
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+            Boxes::Hosted(hosts) => {
+                broadcast(hosts, "connect", "connected").await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Lets every box connected by [`Boxes::connect`] publish.
+    pub async fn release(&mut self) -> anyhow::Result<()> {
+        match self {
+            Boxes::Local(edges, _) => {
+                for e in edges.iter_mut() {
+                    e.release();
+                }
+            }
+            Boxes::Hosted(hosts) => {
+                broadcast(hosts, "release", "released").await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Impressions still unconfirmed in every outbox.
     pub async fn unconfirmed(&mut self) -> anyhow::Result<u64> {
         match self {
@@ -453,6 +505,14 @@ pub async fn serve() -> anyhow::Result<()> {
             "start" => {
                 boxes.start().await?;
                 say(&mut out, "started").await?;
+            }
+            "connect" => {
+                boxes.connect(CONNECT_TIMEOUT).await?;
+                say(&mut out, "connected").await?;
+            }
+            "release" => {
+                boxes.release().await?;
+                say(&mut out, "released").await?;
             }
             "count" => {
                 let n = boxes.unconfirmed().await?;
