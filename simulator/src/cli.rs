@@ -128,7 +128,7 @@ pub struct BenchArgs {
     /// Length of the steady-load phase that measures latency (seconds; 0 skips it).
     #[arg(long, default_value_t = 15.0)]
     pub steady_secs: f64,
-    /// Steady-load rate in plays/s [default: a quarter of the measured e2e rate].
+    /// Steady-load rate in plays/s [default: a fifth of the measured e2e rate].
     #[arg(long)]
     pub steady_rate: Option<f64>,
     /// Boxes publish a partial batch after this delay (ms).
