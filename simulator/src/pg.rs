@@ -489,3 +489,23 @@ pub async fn total_count(pool: &PgPool) -> anyhow::Result<i64> {
         .fetch_one(pool)
         .await?)
 }
+
+/// Waits until the per-sponsor rollups' queue of deltas is empty (the
+/// ingestor folds it in the background, migration `20261201000030`),
+/// polling every 10 ms; false after `timeout`. Reads only: it never folds,
+/// so it shows when the chain itself caught up.
+pub async fn wait_rollups_folded(pool: &PgPool, timeout: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let empty: bool = sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM sponsor_rollup_pending)")
+            .fetch_one(pool)
+            .await?;
+        if empty {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
