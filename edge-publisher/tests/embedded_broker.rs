@@ -6,16 +6,43 @@ use common::*;
 use edge_publisher::receipt_peer::ReceiptPeer;
 use std::collections::HashSet;
 
+/// Our broker on an ephemeral port, a receipt peer that drops its first
+/// `drop_first` answers, and a directory for the edge's outbox.
+/// (Fields drop in order: the peer first, the broker last.)
+struct Rig {
+    peer: ReceiptPeer,
+    dir: tempfile::TempDir,
+    url: String,
+    prefix: String,
+    _broker: broker::EmbeddedBroker,
+}
+
+impl Rig {
+    async fn start(drop_first: u64) -> Rig {
+        init();
+        let broker = broker::EmbeddedBroker::start_for_tests().unwrap();
+        let url = broker.url();
+        let prefix = prefix();
+        let peer = ReceiptPeer::start(&url.parse().unwrap(), &prefix, drop_first).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        Rig {
+            peer,
+            dir: tempfile::tempdir().unwrap(),
+            url,
+            prefix,
+            _broker: broker,
+        }
+    }
+
+    fn settings(&self) -> edge_publisher::Settings {
+        settings(self.dir.path(), &self.url, &self.prefix)
+    }
+}
+
 #[tokio::test]
 async fn embedded_broker_delivers_everything_once_even_with_lost_receipts() {
-    init();
-    let broker = broker::EmbeddedBroker::start_for_tests().unwrap();
-    let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = prefix();
-    let peer = ReceiptPeer::start(&url.parse().unwrap(), &prefix, 2).unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let mut s = settings(dir.path(), &url, &prefix);
+    let rig = Rig::start(2).await;
+    let (peer, mut s) = (&rig.peer, rig.settings());
     s.receipt_timeout_ms = 1500;
     s.batch_max_impressions = 50;
     let edge = start(s).await;
@@ -50,14 +77,8 @@ async fn embedded_broker_delivers_everything_once_even_with_lost_receipts() {
 /// opens; then everything it stored is delivered and the outbox empties.
 #[tokio::test]
 async fn a_held_box_is_ready_but_publishes_only_once_released() {
-    init();
-    let broker = broker::EmbeddedBroker::start_for_tests().unwrap();
-    let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = prefix();
-    let peer = ReceiptPeer::start(&url.parse().unwrap(), &prefix, 0).unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let s = settings(dir.path(), &url, &prefix);
+    let rig = Rig::start(0).await;
+    let (peer, s) = (&rig.peer, rig.settings());
     let site = s.site_id.clone();
     let mut app = edge_publisher::App::build(s).await.unwrap();
     let gate = app.hold_publishing();
