@@ -66,7 +66,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
 
     let (prefix, ingestor_id) = run_identity(&f.broker);
     let broker = fleet::start_broker(&f.broker, &prefix, |_| {})?;
-    let ingestor = Ingestor::start(fleet::ingestor_settings(&db_url, &broker.url, &prefix, &ingestor_id)).await?;
+    let ingestor = Ingestor::start(fleet::ingestor_settings(&db_url, &broker.url, &prefix, &ingestor_id)?).await?;
 
     let dir = tempfile::Builder::new()
         .prefix("neopro-demo-")

@@ -440,7 +440,7 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
     ];
     let mut ingestor_proc = None;
     let mut ingestor_inproc = None;
-    let ingestor_settings = fleet::ingestor_settings(db_url, &mqtt, prefix, "ingestor");
+    let ingestor_settings = fleet::ingestor_settings(db_url, &mqtt, prefix, "ingestor")?;
     if fault == Fault::IngestorKill9 {
         let mut p = Proc::new(
             "neopro-ingestor",

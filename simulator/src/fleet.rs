@@ -137,14 +137,25 @@ impl Drop for Ingestor {
 }
 
 /// Settings of the ingestor for a simulated fleet.
-pub fn ingestor_settings(database_url: &str, mqtt: &MqttUrl, prefix: &str, client_id: &str) -> ingestor::Settings {
-    ingestor::Settings {
+pub fn ingestor_settings(
+    database_url: &str,
+    mqtt: &MqttUrl,
+    prefix: &str,
+    client_id: &str,
+) -> anyhow::Result<ingestor::Settings> {
+    // The binary's defaults and its `NEOPRO_INGESTOR__*` variables (so the
+    // embedded ingestor is tuned the same way, e.g.
+    // `NEOPRO_INGESTOR__WRITERS=4 neopro-sim bench`); the run decides where
+    // it connects.
+    let base: ingestor::Settings = runtime::settings::load(None, None, ingestor::settings::ENV_PREFIX, &[])
+        .context("NEOPRO_INGESTOR__* variables")?;
+    Ok(ingestor::Settings {
         database_url: database_url.to_owned(),
         mqtt_url: mqtt.clone(),
         topic_prefix: prefix.to_owned(),
         client_id: client_id.to_owned(),
-        ..ingestor::Settings::default()
-    }
+        ..base
+    })
 }
 
 /// One simulated TV box.

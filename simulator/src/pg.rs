@@ -490,6 +490,13 @@ pub async fn total_count(pool: &PgPool) -> anyhow::Result<i64> {
         .await?)
 }
 
+/// Deltas waiting in the per-sponsor rollups' queue (`sponsor_rollup_pending`).
+pub async fn rollup_pending(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM sponsor_rollup_pending")
+        .fetch_one(pool)
+        .await?)
+}
+
 /// Waits until the per-sponsor rollups' queue of deltas is empty (the
 /// ingestor folds it in the background, migration `20261201000030`),
 /// polling every 10 ms; false after `timeout`. Reads only: it never folds,
