@@ -18,9 +18,9 @@
 //!    then checked to be exactly N × M. `e2e_rows_per_s` = N × M / that time.
 //!    The per-sponsor rollups are folded from their queue in the background
 //!    (the committed rows and the daily rollup are in the clock, the fold
-//!    only while it runs inside it); a `rollups:` line
-//!    says how many deltas were queued at the clock's stop, how long after
-//!    it the queue was empty, and the PostgreSQL CPU per row spent meanwhile.
+//!    only while it runs inside it); a `rollups:` line says how many deltas
+//!    were queued at the clock's stop, how long after it the queue was
+//!    empty, and the PostgreSQL CPU per row spent meanwhile.
 //! 4. **Latency under steady load**: plays are handed to the boxes at a steady
 //!    rate (default: a fifth of the measured throughput) in small chunks,
 //!    as TV frontends post them. A fifth, not a half: the steady phase
