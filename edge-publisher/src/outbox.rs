@@ -195,7 +195,9 @@ pub struct Counts {
     pub unconfirmed: u64,
     /// Of those, not currently published (never sent, or to be resent).
     pub unsent: u64,
-    /// Total size of the stored impression JSON.
+    /// Total size of the stored impression JSON, in UTF-8 bytes (what
+    /// `max_bytes` limits; SQLite's `octet_length`, not `length`, which
+    /// counts characters).
     pub bytes: u64,
 }
 
@@ -361,7 +363,7 @@ fn millis_to_time(ms: i64) -> Option<DateTime<Utc>> {
 /// `neopro-edge status`, which opens the file itself while the service may run).
 pub fn file_stats(conn: &Connection) -> Result<FileStats, OutboxError> {
     let (unconfirmed, unsent, bytes): (i64, i64, i64) = conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(length(body)), 0) FROM outbox",
+        "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(octet_length(body)), 0) FROM outbox",
         [],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
@@ -444,7 +446,7 @@ impl Outbox {
         let (site, outbox_id) = identity(&conn, Some(site_id))?;
         let requeued = conn.execute("UPDATE outbox SET state = 'pending' WHERE state = 'published'", [])?;
         let (rows, unsent, bytes): (i64, i64, i64) = conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(length(body)), 0) FROM outbox",
+            "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(octet_length(body)), 0) FROM outbox",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
@@ -1080,7 +1082,7 @@ impl Writer {
         }
         let mut stmt = self
             .conn
-            .prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING seq, length(body)")?;
+            .prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING seq, octet_length(body)")?;
         let mut n = 0u64;
         let mut deleted: Vec<i64> = Vec::new();
         for &(first, last) in &merged {
@@ -1307,6 +1309,52 @@ mod tests {
         assert_eq!(left, 0);
         let st = ob.stats().await.unwrap();
         assert_eq!((st.unconfirmed, st.unsent, st.next_seq), (0, 0, 13));
+        ob.close().await;
+    }
+
+    /// `bytes` counts UTF-8 bytes everywhere (the limit is in bytes): an
+    /// append adds `body.len()`, so a settle and a reopen must take away and
+    /// recount bytes too, not characters (SQLite's `length()` of TEXT).
+    #[tokio::test]
+    async fn byte_counter_stays_in_bytes_for_non_ascii_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = OutboxConfig::new(dir.path());
+        let path = cfg.path();
+        let ob = Outbox::open(cfg.clone(), "s1").unwrap();
+        let plays: Vec<Impression> = (0..6)
+            .map(|k| {
+                let mut i = imp("s1", k);
+                i.video_filename = "sponsor_café_été_ü.mp4".into();
+                i.impression_id = schema::derive_impression_id("s1", &i.video_filename, i.played_at);
+                i
+            })
+            .collect();
+        ob.append(plays).await.unwrap();
+        let file = open_connection(&path, 64).unwrap();
+        let stored_bytes = |file: &Connection| -> u64 {
+            let bodies: Vec<String> = file
+                .prepare("SELECT body FROM outbox")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            bodies.iter().map(|b| b.len() as u64).sum()
+        };
+        assert!(file
+            .query_row("SELECT body FROM outbox LIMIT 1", [], |r| r.get::<_, String>(0))
+            .unwrap()
+            .contains("café"));
+        assert_eq!(ob.counts().bytes, stored_bytes(&file));
+        ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        // A partial receipt takes its rows' bytes away.
+        assert_eq!(ob.settle(vec![SeqRange { first: 2, last: 3 }]).await.unwrap(), 2);
+        assert_eq!(ob.counts().bytes, stored_bytes(&file));
+        assert_eq!(ob.stats().await.unwrap().bytes, stored_bytes(&file));
+        ob.close().await;
+        // A reopen recounts bytes.
+        let ob = Outbox::open(cfg, "s1").unwrap();
+        assert_eq!(ob.counts().bytes, stored_bytes(&file));
         ob.close().await;
     }
 
