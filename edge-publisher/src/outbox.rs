@@ -359,14 +359,20 @@ fn millis_to_time(ms: i64) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(ms).single()
 }
 
-/// Reads statistics from an open connection (used by the writer thread and by
-/// `neopro-edge status`, which opens the file itself while the service may run).
-pub fn file_stats(conn: &Connection) -> Result<FileStats, OutboxError> {
-    let (unconfirmed, unsent, bytes): (i64, i64, i64) = conn.query_row(
+/// Rows, pending rows and stored bytes (UTF-8: `octet_length`, what
+/// `max_bytes` limits), counted from the file itself.
+fn read_counts(conn: &Connection) -> rusqlite::Result<(i64, i64, i64)> {
+    conn.query_row(
         "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(octet_length(body)), 0) FROM outbox",
         [],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
+    )
+}
+
+/// Reads statistics from an open connection (used by the writer thread and by
+/// `neopro-edge status`, which opens the file itself while the service may run).
+pub fn file_stats(conn: &Connection) -> Result<FileStats, OutboxError> {
+    let (unconfirmed, unsent, bytes): (i64, i64, i64) = read_counts(conn)?;
     stats_with_counts(
         conn,
         Counts {
@@ -445,11 +451,7 @@ impl Outbox {
         let conn = open_connection(&cfg.path(), cfg.cache_kib)?;
         let (site, outbox_id) = identity(&conn, Some(site_id))?;
         let requeued = conn.execute("UPDATE outbox SET state = 'pending' WHERE state = 'published'", [])?;
-        let (rows, unsent, bytes): (i64, i64, i64) = conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(octet_length(body)), 0) FROM outbox",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
+        let (rows, unsent, bytes): (i64, i64, i64) = read_counts(&conn)?;
         let next = next_seq(&conn)?;
         tracing::info!(
             path = %cfg.path().display(), site_id = %site, %outbox_id, unconfirmed = rows, requeued, next_seq = next,
