@@ -232,11 +232,12 @@ pub async fn attributed_videos(pool: &PgPool, sponsor_id: &str) -> ApiResult<Att
     Ok(Attributed { filenames, video_ids })
 }
 
-/// Folds the rollups' queue of deltas (migration `20261201000030`) so that
+/// Folds the rollups' queues of deltas (the daily one of migration
+/// `20261206000010`, then the per-sponsor one of `20261201000030`) so that
 /// what is read next includes every write committed before this call.
 /// Writers only append deltas (cheap on the ingest path); the ingestor folds
 /// about once a second, so there is little or nothing left here (no lock is
-/// taken when the queue is empty).
+/// taken when the queues are empty).
 pub async fn fold_pending(pool: &PgPool) -> ApiResult<()> {
     sqlx::query("SELECT sponsor_rollups_fold()").execute(pool).await?;
     Ok(())

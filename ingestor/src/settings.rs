@@ -67,8 +67,8 @@ pub struct Settings {
     pub drain_deadline_secs: u64,
     /// Run the MQTT pipeline (off: HTTP endpoint only).
     pub mqtt_enabled: bool,
-    /// How often the per-sponsor analytics rollups are folded from their
-    /// queue of deltas (`sponsor_rollups_fold()`), in milliseconds; 0 = never
+    /// How often the daily and per-sponsor rollups are folded from their
+    /// queues of deltas (`sponsor_rollups_fold()`), in milliseconds; 0 = never
     /// (readers still fold before they read).
     pub rollup_fold_interval_ms: u64,
 }

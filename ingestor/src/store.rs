@@ -9,21 +9,28 @@
 //! 2. dead letters (`impressions_rejected`), one `INSERT ... SELECT FROM UNNEST`;
 //! 3. the rows: by default an optimistic binary `COPY` straight into the
 //!    partitioned table ([`crate::copy`]; the bulk of the work, done
-//!    concurrently by the pipelined writers), then, under the rollup-section
-//!    lock ([`ROLLUP_SECTION_LOCK`], held until COMMIT), one upsert of the
-//!    batch's aggregates into `sponsor_daily_stats` in key order. If a row
-//!    already exists the COPY fails as a whole (unique violation), the
-//!    transaction is void, and it is redone with `INSERT ... SELECT FROM
-//!    UNNEST(...) ON CONFLICT DO NOTHING RETURNING`, aggregating exactly the
-//!    rows that were new into the same upsert, in one statement;
+//!    concurrently by the pipelined writers), then the batch's aggregates per
+//!    daily-rollup key appended to the queue `sponsor_daily_pending`, which
+//!    [`fold_rollups`] (and every reader, before it reads) merges into
+//!    `sponsor_daily_stats` and the per-sponsor rollups. If a row already
+//!    exists the COPY fails as a whole (unique violation), the transaction is
+//!    void, and it is redone with `INSERT ... SELECT FROM UNNEST(...) ON
+//!    CONFLICT DO NOTHING RETURNING`, queueing the aggregates of exactly the
+//!    rows that were new, in one statement;
 //! 4. `sites.last_seen_at`, only for sites not seen in the last few seconds
 //!    (a hot `sites` row would otherwise serialise the pipelined writers);
 //! 5. `COMMIT`.
 //!
 //! Invariants:
 //! * a row is in `sponsor_impressions` at most once (primary key), and the
-//!   rollup counts it once: it is incremented only for rows `RETURNING` says
-//!   were new, in the same transaction;
+//!   rollup counts it once: its aggregate is queued only for rows that were
+//!   new (the whole COPY, or what `RETURNING` says), in the same transaction,
+//!   so at every commit `sponsor_daily_stats` + `sponsor_daily_pending` equals
+//!   the raw rows (migration `20261206000010`);
+//! * no statement of this transaction touches a row that another writer's
+//!   transaction also touches (the queue is an append-only heap without
+//!   index), so the pipelined writers never wait on each other's row locks
+//!   and cannot deadlock;
 //! * rows are de-duplicated inside the call first (the same key twice in one
 //!   `INSERT ... ON CONFLICT` would fail with "cannot affect row a second time");
 //! * nothing is dropped: a row or message the database refuses for good
@@ -174,19 +181,12 @@ WITH ins AS (
     FROM ins
     GROUP BY 1, 2, 3, 4, 5, 6
 ), up AS (
-    INSERT INTO sponsor_daily_stats AS t
+    INSERT INTO sponsor_daily_pending
         (day, site_id, video_id, video_filename, period, event_type,
          impressions, seconds_played, completed_count, audience_sum)
     SELECT day, site_id, video_id, video_filename, period, event_type,
            impressions, seconds_played, completed_count, audience_sum
     FROM agg
-    ORDER BY day, site_id, video_filename, video_id, period, event_type
-    ON CONFLICT (day, site_id, video_filename, video_id, period, event_type) DO UPDATE SET
-        impressions     = t.impressions + excluded.impressions,
-        seconds_played  = t.seconds_played + excluded.seconds_played,
-        completed_count = t.completed_count + excluded.completed_count,
-        audience_sum    = t.audience_sum + excluded.audience_sum,
-        updated_at      = now()
 )
 SELECT impression_id FROM ins
 "#;
@@ -380,8 +380,7 @@ async fn write_in(
         let t0 = std::time::Instant::now();
         copy_rows(conn, set, &sent).await?;
         let t_copy = t0.elapsed();
-        lock_rollup_section(conn).await?;
-        upsert_rollup(conn, set, &sent).await?;
+        queue_rollup(conn, set, &sent).await?;
         tracing::debug!(
             rows = sent.len(),
             copy_ms = t_copy.as_secs_f64() * 1e3,
@@ -423,7 +422,6 @@ async fn write_in(
             audience.push(imp.audience_estimate);
             batch.push(r.batch_id);
         }
-        lock_rollup_section(conn).await?;
         let returned: Vec<Uuid> = sqlx::query_scalar(INSERT_ROWS)
             .bind(&ids)
             .bind(&site)
@@ -460,43 +458,12 @@ async fn write_in(
     Ok(new_rows)
 }
 
-/// Advisory-lock class of the rollup section (`'nepp'`; the day locks of
-/// `lock_rollup_days_shared` use `'nepo'`).
-pub const ROLLUP_SECTION_LOCK: (i32, i32) = (1_852_143_728, 0);
-
-/// Takes the transaction-scoped lock that serialises the rollup section of
-/// concurrent writers (held until COMMIT or ROLLBACK).
-///
-/// Why: every batch increments hot rows (the same site-days and, through the
-/// analytics triggers on `sponsor_daily_stats`, the same sponsor/video days).
-/// Two writers updating overlapping hot rows through the INSERT and then the
-/// UPDATE statement triggers lock them in two passes, which can deadlock, and
-/// PostgreSQL only detects that after `deadlock_timeout` (1 s by default). The
-/// bulk of a batch, its COPY, runs before this lock, concurrently; only the
-/// short rollup statements and the commit are serialised, which is what row
-/// locks on hot rows would serialise anyway.
-///
-/// Since migration `20261201000030` those triggers only append to a queue,
-/// so the hot rows left are the daily keys themselves, which both insert
-/// paths upsert in key order. Measured 2026-12-06 (`neopro-sim bench`, four
-/// alternated pairs): without this lock, 96-104k rows/s against 96-99k with
-/// it, no difference. It stays as insurance: the COPY path sorts keys in
-/// Rust (byte order) and the `ON CONFLICT` path with `ORDER BY` (the
-/// database's collation), and under a collation where the two orders differ
-/// two writers could deadlock for `deadlock_timeout`.
-async fn lock_rollup_section(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-        .bind(ROLLUP_SECTION_LOCK.0)
-        .bind(ROLLUP_SECTION_LOCK.1)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Folds the analytics rollups' queue of deltas (`sponsor_rollups_fold()`,
-/// migration `20261201000030`): outside any ingest transaction, so that the
-/// per-sponsor rollups cost each batch only an append. Readers fold before
-/// reading, so this only keeps the queue short. Errors are logged; the next
+/// Folds the rollups' queues of deltas (`sponsor_rollups_fold()`: the daily
+/// queue of migration `20261206000010`, then the per-sponsor one of
+/// `20261201000030`): outside any ingest transaction, so that the rollups
+/// cost each batch only an append, and a second of batches touching the same
+/// keys is upserted once. Readers fold before reading, so this only keeps
+/// the queues short. Errors are logged; the next
 /// tick retries (nothing is lost: the queue is durable).
 pub async fn fold_rollups(pool: &PgPool) {
     let t0 = std::time::Instant::now();
@@ -559,9 +526,12 @@ async fn copy_rows(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> R
     Ok(())
 }
 
-/// Adds the aggregates of `rows` (all known to be new) to the daily rollup,
-/// in key order.
-async fn upsert_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> Result<(), sqlx::Error> {
+/// Queues the aggregates of `rows` (all known to be new) for the daily
+/// rollup: one row per key appended to `sponsor_daily_pending`, which
+/// `sponsor_rollups_fold()` merges into `sponsor_daily_stats` (migration
+/// `20261206000010`). An append to a heap without index: no hot row, so
+/// concurrent writers never wait on each other here.
+async fn queue_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> Result<(), sqlx::Error> {
     #[derive(Default)]
     struct Agg {
         n: i64,
@@ -569,10 +539,9 @@ async fn upsert_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) 
         completed: i64,
         audience: i64,
     }
-    // Key in primary-key order: (day, site_id, video_filename, video_id, period, event_type).
+    // Key: (day, site_id, video_filename, video_id, period, event_type).
     // Aggregated in a hash map (a B-tree spent a tenth of the ingest CPU in
-    // string comparisons, one search per row), then the unique keys are
-    // sorted once, so that every writer updates rows in the same order.
+    // string comparisons, one search per row).
     type Key<'a> = (NaiveDate, &'a str, &'a str, &'a str, &'a str, &'a str);
     let mut index: foldhash::HashMap<Key<'_>, usize> = foldhash::HashMapExt::with_capacity(64);
     let mut m: Vec<(Key<'_>, Agg)> = Vec::new();
@@ -597,7 +566,6 @@ async fn upsert_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) 
         a.audience += i64::from(imp.audience_estimate.unwrap_or(0));
     }
     drop(index);
-    m.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let n = m.len();
     let (mut day, mut site, mut file, mut vid, mut period, mut event) = (
         Vec::with_capacity(n),
@@ -625,7 +593,7 @@ async fn upsert_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) 
         comp.push(a.completed);
         aud.push(a.audience);
     }
-    sqlx::query(UPSERT_ROLLUP)
+    sqlx::query(QUEUE_ROLLUP)
         .bind(&day)
         .bind(&site)
         .bind(&file)
@@ -641,16 +609,10 @@ async fn upsert_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) 
     Ok(())
 }
 
-const UPSERT_ROLLUP: &str = r#"
-INSERT INTO sponsor_daily_stats AS t
+const QUEUE_ROLLUP: &str = r#"
+INSERT INTO sponsor_daily_pending
     (day, site_id, video_filename, video_id, period, event_type,
      impressions, seconds_played, completed_count, audience_sum)
 SELECT * FROM UNNEST($1::date[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::int8[], $8::float8[], $9::int8[], $10::int8[])
-ON CONFLICT (day, site_id, video_filename, video_id, period, event_type) DO UPDATE SET
-    impressions     = t.impressions + excluded.impressions,
-    seconds_played  = t.seconds_played + excluded.seconds_played,
-    completed_count = t.completed_count + excluded.completed_count,
-    audience_sum    = t.audience_sum + excluded.audience_sum,
-    updated_at      = now()
 "#;

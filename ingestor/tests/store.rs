@@ -121,6 +121,10 @@ async fn binary_copy_stores_every_field_and_a_rewrite_is_all_duplicates(pool: Pg
     let again = store::write(&pool, &set, InsertMethod::Copy).await.unwrap();
     assert_eq!(again.inserted(), 0);
     assert_eq!(again.new.len(), rows.len());
+    sqlx::query("SELECT sponsor_rollups_fold()")
+        .execute(&pool)
+        .await
+        .unwrap();
     let (n, rollup): (i64, Option<i64>) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM sponsor_impressions), (SELECT sum(impressions)::int8 FROM sponsor_daily_stats)",
     )

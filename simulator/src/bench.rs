@@ -16,11 +16,12 @@
 //!    i.e. every impression went outbox → broker → ingestor → committed rows
 //!    and its receipt came back and deleted it. The committed row count is
 //!    then checked to be exactly N × M. `e2e_rows_per_s` = N × M / that time.
-//!    The per-sponsor rollups are folded from their queue in the background
-//!    (the committed rows and the daily rollup are in the clock, the fold
-//!    only while it runs inside it); a `rollups:` line says how many deltas
-//!    were queued at the clock's stop, how long after it the queue was
-//!    empty, and the PostgreSQL CPU per row spent meanwhile.
+//!    The rollups are folded from their queues in the background (the
+//!    committed rows and their queued rollup deltas are in the clock, the
+//!    folds only while they run inside it); a `rollups:` line says how many
+//!    deltas were queued at the clock's stop, how long after it both queues
+//!    were empty, and the PostgreSQL CPU per row spent meanwhile, so the
+//!    deferred work is visible, not hidden outside the clock.
 //! 4. **Latency under steady load**: plays are handed to the boxes at a steady
 //!    rate (default: a fifth of the measured throughput) in small chunks,
 //!    as TV frontends post them. A fifth, not a half: the steady phase
@@ -210,25 +211,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         e2e_rate,
         started_in.as_secs_f64()
     );
-    // The per-sponsor rollups are folded from a queue in the background
-    // (about once a second): say how much was left at the clock's stop, how
-    // long after it the queue was empty and what PostgreSQL spent meanwhile
+    // The rollups are folded from two queues in the background (about once
+    // a second): say how much was left at the clock's stop, how long after
+    // it both queues were empty and what PostgreSQL spent meanwhile
     // (the fold, mostly), so the deferred work is visible rather than
     // silently outside the clock.
-    let pending_at_stop = pg::rollup_pending(&pool).await?;
+    let (daily_at_stop, sponsor_at_stop) = pg::rollup_pending(&pool).await?;
     let folded = pg::wait_rollups_folded(&pool, Duration::from_secs(60)).await?;
     let after = t0.elapsed().saturating_sub(e2e_elapsed);
     let fold_cpu = cpu_stop.until(&cpu::Snapshot::take(pg_local));
     if folded {
         println!(
-            "rollups: per-sponsor queue ({pending_at_stop} deltas at the clock's stop) folded {:.2}s after the clock stopped; postgres meanwhile {} core-us per row (the ingestor folds every {} ms; readers fold before they read)",
+            "rollups: queues ({daily_at_stop} daily and {sponsor_at_stop} per-sponsor deltas at the clock's stop) folded {:.2}s after the clock stopped; postgres meanwhile {} core-us per row (the ingestor folds every {} ms; readers fold before they read)",
             after.as_secs_f64(),
             cpu::Usage::per_row(fold_cpu.postgres_s, (n * m) as u64),
             ingestor_fold_ms,
         );
     } else {
         println!(
-            "rollups: per-sponsor queue ({pending_at_stop} deltas at the clock's stop) not folded {:.0}s after the clock stopped",
+            "rollups: queues ({daily_at_stop} daily and {sponsor_at_stop} per-sponsor deltas at the clock's stop) not folded {:.0}s after the clock stopped",
             after.as_secs_f64()
         );
     }

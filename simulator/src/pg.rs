@@ -464,6 +464,8 @@ pub async fn reconcile<'a>(
         .bind(&sites)
         .fetch_one(pool)
         .await?;
+    // The daily rollup is exact once its queue is folded (what every reader does).
+    sqlx::query("SELECT sponsor_rollups_fold()").execute(pool).await?;
     rec.rollup_impressions = sqlx::query_scalar(
         "SELECT coalesce(sum(impressions), 0)::bigint FROM sponsor_daily_stats WHERE site_id = ANY($1)",
     )
@@ -490,23 +492,29 @@ pub async fn total_count(pool: &PgPool) -> anyhow::Result<i64> {
         .await?)
 }
 
-/// Deltas waiting in the per-sponsor rollups' queue (`sponsor_rollup_pending`).
-pub async fn rollup_pending(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM sponsor_rollup_pending")
-        .fetch_one(pool)
-        .await?)
+/// Deltas waiting in the rollups' queues: the daily one
+/// (`sponsor_daily_pending`, filled by the ingestor) and the per-sponsor one
+/// (`sponsor_rollup_pending`, filled when the daily one is folded).
+pub async fn rollup_pending(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT count(*) FROM sponsor_daily_pending), (SELECT count(*) FROM sponsor_rollup_pending)",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
-/// Waits until the per-sponsor rollups' queue of deltas is empty (the
-/// ingestor folds it in the background, migration `20261201000030`),
-/// polling every 10 ms; false after `timeout`. Reads only: it never folds,
-/// so it shows when the chain itself caught up.
+/// Waits until both rollup queues are empty (the ingestor folds them in the
+/// background, migrations `20261206000010` and `20261201000030`), polling
+/// every 10 ms; false after `timeout`. Reads only: it never folds, so it
+/// shows when the chain itself caught up.
 pub async fn wait_rollups_folded(pool: &PgPool, timeout: Duration) -> anyhow::Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
-        let empty: bool = sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM sponsor_rollup_pending)")
-            .fetch_one(pool)
-            .await?;
+        let empty: bool = sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM sponsor_daily_pending) AND NOT EXISTS (SELECT 1 FROM sponsor_rollup_pending)",
+        )
+        .fetch_one(pool)
+        .await?;
         if empty {
             return Ok(true);
         }

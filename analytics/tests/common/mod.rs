@@ -200,30 +200,25 @@ pub async fn recompute_days(pool: &PgPool, plays: &[Play]) {
 }
 
 /// The ingestor's way for new plays: insert them and, in the same
-/// transaction, add their aggregates to sponsor_daily_stats with
-/// INSERT ... ON CONFLICT DO UPDATE (increments).
+/// transaction, queue their aggregates per daily-rollup key in
+/// sponsor_daily_pending (readers fold the queue before they read).
 pub async fn ingest_like_ingestor(pool: &PgPool, plays: &[Play]) {
     let mut tx = pool.begin().await.unwrap();
     insert_plays_tx(&mut tx, plays).await;
-    upsert_rollup_tx(&mut tx, plays).await;
+    queue_rollup_tx(&mut tx, plays).await;
     tx.commit().await.unwrap();
 }
 
-/// The ingestor's rollup increment of `plays` (already inserted in `tx`).
-pub async fn upsert_rollup_tx(tx: &mut sqlx::PgConnection, plays: &[Play]) {
+/// The ingestor's rollup delta of `plays` (already inserted in `tx`).
+pub async fn queue_rollup_tx(tx: &mut sqlx::PgConnection, plays: &[Play]) {
     let ids: Vec<uuid::Uuid> = plays.iter().map(|p| p.impression_id).collect();
     sqlx::query(
-        "INSERT INTO sponsor_daily_stats (day, site_id, video_id, video_filename, period, event_type,
+        "INSERT INTO sponsor_daily_pending (day, site_id, video_id, video_filename, period, event_type,
              impressions, seconds_played, completed_count, audience_sum)
          SELECT (played_at AT TIME ZONE 'UTC')::date, site_id, coalesce(video_id, ''), video_filename, period, event_type,
                 count(*), sum(duration_played), count(*) FILTER (WHERE completed), coalesce(sum(audience_estimate), 0)
          FROM sponsor_impressions WHERE impression_id = ANY($1)
-         GROUP BY 1, 2, 3, 4, 5, 6
-         ON CONFLICT (day, site_id, video_filename, video_id, period, event_type) DO UPDATE SET
-             impressions = sponsor_daily_stats.impressions + excluded.impressions,
-             seconds_played = sponsor_daily_stats.seconds_played + excluded.seconds_played,
-             completed_count = sponsor_daily_stats.completed_count + excluded.completed_count,
-             audience_sum = sponsor_daily_stats.audience_sum + excluded.audience_sum",
+         GROUP BY 1, 2, 3, 4, 5, 6",
     )
     .bind(&ids)
     .execute(&mut *tx)

@@ -352,15 +352,33 @@ pub async fn forget_session(broker: &str, client_id: &str) {
     runtime::mqtt::forget_session(&url, client_id).await.unwrap();
 }
 
-/// The rollup must equal the raw rows (sum of impressions).
+/// The rollup must equal the raw rows (sum of impressions): at every commit
+/// the daily rollup plus its queue, and after a fold the rollup alone with
+/// the queue empty (migration `20261206000010`).
 pub async fn assert_rollup_matches(pool: &PgPool) {
     let rows = count(pool, "SELECT count(*) FROM sponsor_impressions").await;
+    let unfolded = count(
+        pool,
+        "SELECT (SELECT coalesce(sum(impressions), 0) FROM sponsor_daily_stats)::int8
+              + (SELECT coalesce(sum(impressions), 0) FROM sponsor_daily_pending)::int8",
+    )
+    .await;
+    assert_eq!(
+        unfolded, rows,
+        "sponsor_daily_stats + its queue must count every row exactly once"
+    );
+    sqlx::query("SELECT sponsor_rollups_fold()")
+        .execute(pool)
+        .await
+        .unwrap();
     let rollup = count(
         pool,
         "SELECT coalesce(sum(impressions), 0)::int8 FROM sponsor_daily_stats",
     )
     .await;
     assert_eq!(rollup, rows, "sponsor_daily_stats must count every row exactly once");
+    let queued = count(pool, "SELECT count(*) FROM sponsor_daily_pending").await;
+    assert_eq!(queued, 0, "a fold empties the daily queue");
 }
 
 /// Ends the backends a killed child process left behind on the test
