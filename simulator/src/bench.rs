@@ -252,6 +252,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         let queues: Vec<Vec<schema::Impression>> = bigger.into_iter().map(|s| s.plays[..per_site].to_vec()).collect();
         let mut sent_at: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
         let mut cursor = vec![0usize; n];
+        let steady_cpu0 = cpu::Snapshot::take(pg_local);
         let t1 = Instant::now();
         let mut handed = 0usize;
         let mut next_site = 0usize;
@@ -284,6 +285,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         let achieved = handed as f64 / t1.elapsed().as_secs_f64();
         let settled = wait_empty(&mut edges, Duration::from_secs(args.timeout_secs)).await?;
         anyhow::ensure!(settled, "timeout waiting for the steady-load plays to be confirmed");
+        let steady_s = t1.elapsed().as_secs_f64();
+        // What a play costs at this steady rate, rollups included: from the
+        // first hand-over until every play is confirmed and both rollup
+        // queues are folded (the burst's figures split that work at the
+        // clock's stop; this one does not).
+        let steady_folded = pg::wait_rollups_folded(&pool, Duration::from_secs(60)).await?;
+        let steady_cpu = steady_cpu0.until(&cpu::Snapshot::take(pg_local));
         let ids: Vec<Uuid> = sent_at.keys().copied().collect();
         let rows: Vec<(Uuid, DateTime<Utc>)> =
             sqlx::query_as("SELECT impression_id, received_at FROM sponsor_impressions WHERE impression_id = ANY($1)")
@@ -306,12 +314,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         };
         println!(
             "steady: target {rate:.0} plays/s, handed {handed} plays in {:.1}s ({achieved:.0}/s) in chunks of {STEADY_CHUNK}; {load}play-to-commit latency ms p50={} p90={} p99={} max={} (n={})",
-            t1.elapsed().as_secs_f64(),
+            steady_s,
             hist.value_at_quantile(0.50),
             hist.value_at_quantile(0.90),
             hist.value_at_quantile(0.99),
             hist.max(),
             hist.len()
+        );
+        let folded = if steady_folded {
+            ""
+        } else {
+            " (rollup queues not empty after 60 s)"
+        };
+        println!(
+            "cpu: steady {}, core-us per play: postgres={} boxes, broker and ingestor={} (until every play was confirmed and the rollup queues folded{folded})",
+            steady_cpu.busy_cores(),
+            cpu::Usage::per_row(steady_cpu.postgres_s, handed as u64),
+            cpu::Usage::per_row(steady_cpu.ours_s(), handed as u64),
         );
         for (i, q) in queues.into_iter().enumerate() {
             steady_plays.extend(q.into_iter().take(cursor[i]));
