@@ -463,8 +463,8 @@ async fn write_in(
 /// `20261201000030`): outside any ingest transaction, so that the rollups
 /// cost each batch only an append, and a second of batches touching the same
 /// keys is upserted once. Readers fold before reading, so this only keeps
-/// the queues short. Errors are logged; the next
-/// tick retries (nothing is lost: the queue is durable).
+/// the queues short. Errors are logged; the next tick retries (nothing is
+/// lost: the queues are durable).
 pub async fn fold_rollups(pool: &PgPool) {
     let t0 = std::time::Instant::now();
     match sqlx::query_scalar::<_, i64>("SELECT sponsor_rollups_fold()")

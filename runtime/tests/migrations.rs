@@ -322,6 +322,48 @@ async fn sequence_gaps_are_visible(pool: PgPool) {
     assert_eq!(gaps, vec![(3, 4, 2), (8, 8, 1)]);
 }
 
+/// One play queued for the daily rollup the ingestor's way (one delta per
+/// transaction and key), for a play `insert` stored.
+async fn queue_play(pool: &PgPool, site: &str, at: &str, played: f64, completed: bool, audience: i32) {
+    sqlx::query(
+        "INSERT INTO sponsor_daily_pending
+         SELECT ($1::timestamptz AT TIME ZONE 'UTC')::date, $2, 'sponsor_coca_cola_30s.mp4', '', 'loop', 'match',
+                1, $3, $4::int8, $5",
+    )
+    .bind(at)
+    .bind(site)
+    .bind(played)
+    .bind(i64::from(completed))
+    .bind(audience)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// (rows, sum of impressions, sum of seconds) of a rollup table or its queue.
+async fn totals(pool: &PgPool, table: &str) -> (i64, i64, f64) {
+    sqlx::query_as(&format!(
+        "SELECT count(*), coalesce(sum(impressions), 0)::int8, coalesce(sum(seconds_played), 0)::float8 FROM {table}"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn fold(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT sponsor_rollups_fold()")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn summary_impressions(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT total_impressions FROM sponsor_analytics_summary WHERE sponsor_id = 'coca-cola'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// Migration `20261206000010`: the daily rollup's queue. At every commit the
 /// rollup plus the queue equals the raw rows; a fold moves the queue into the
 /// rollup (merging the deltas of one key); a recompute of a day drops that
@@ -330,70 +372,22 @@ async fn sequence_gaps_are_visible(pool: PgPool) {
 /// rollup empties the queue.
 #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
 async fn daily_queue_folds_exactly_and_a_recompute_drops_only_its_day(pool: PgPool) {
+    const FILE: &str = "sponsor_coca_cola_30s.mp4";
+    const ROLLUP: &str = "sponsor_daily_stats";
+    const QUEUE: &str = "sponsor_daily_pending";
     let plays = [
-        (
-            "s1",
-            1,
-            "sponsor_coca_cola_30s.mp4",
-            "2026-11-20T10:00:00Z",
-            30.0,
-            true,
-            100,
-        ),
-        (
-            "s1",
-            2,
-            "sponsor_coca_cola_30s.mp4",
-            "2026-11-20T10:01:00Z",
-            20.0,
-            false,
-            50,
-        ),
-        (
-            "s2",
-            1,
-            "sponsor_coca_cola_30s.mp4",
-            "2026-11-21T10:00:00Z",
-            30.0,
-            true,
-            7,
-        ),
+        ("s1", 1, "2026-11-20T10:00:00Z", 30.0, true, 100),
+        ("s1", 2, "2026-11-20T10:01:00Z", 20.0, false, 50),
+        ("s2", 1, "2026-11-21T10:00:00Z", 30.0, true, 7),
     ];
-    for (site, seq, file, at, played, completed, audience) in plays {
-        insert(&pool, site, seq, file, at, played, completed, "loop", audience)
+    for (site, seq, at, played, completed, audience) in plays {
+        insert(&pool, site, seq, FILE, at, played, completed, "loop", audience)
             .await
             .unwrap();
-        // The ingestor's way: one queued delta per transaction and key.
-        sqlx::query(
-            "INSERT INTO sponsor_daily_pending
-             SELECT ($1::timestamptz AT TIME ZONE 'UTC')::date, $2, $3, '', 'loop', 'match', 1, $4, $5::int8, $6",
-        )
-        .bind(at)
-        .bind(site)
-        .bind(file)
-        .bind(played)
-        .bind(i64::from(completed))
-        .bind(audience)
-        .execute(&pool)
-        .await
-        .unwrap();
+        queue_play(&pool, site, at, played, completed, audience).await;
     }
-    let totals = |sql: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_as::<_, (i64, i64, f64)>(sql)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    const ROLLUP: &str =
-        "SELECT count(*), coalesce(sum(impressions), 0)::int8, coalesce(sum(seconds_played), 0)::float8
-                          FROM sponsor_daily_stats";
-    const QUEUE: &str = "SELECT count(*), coalesce(sum(impressions), 0)::int8, coalesce(sum(seconds_played), 0)::float8
-                         FROM sponsor_daily_pending";
-    assert_eq!(totals(ROLLUP).await, (0, 0, 0.0));
-    assert_eq!(totals(QUEUE).await, (3, 3, 80.0));
+    assert_eq!(totals(&pool, ROLLUP).await, (0, 0, 0.0));
+    assert_eq!(totals(&pool, QUEUE).await, (3, 3, 80.0));
 
     // The seed's view counts the queue without a fold.
     sqlx::query("INSERT INTO sponsors VALUES ('coca-cola', 'Coca-Cola')")
@@ -405,9 +399,9 @@ async fn daily_queue_folds_exactly_and_a_recompute_drops_only_its_day(pool: PgPo
         .await
         .unwrap();
     // (A catalogue change folds first: the queue is empty again.)
-    assert_eq!(totals(QUEUE).await, (0, 0, 0.0));
+    assert_eq!(totals(&pool, QUEUE).await, (0, 0, 0.0));
     assert_eq!(
-        totals(ROLLUP).await,
+        totals(&pool, ROLLUP).await,
         (2, 3, 80.0),
         "two keys: one per day, deltas merged"
     );
@@ -421,35 +415,16 @@ async fn daily_queue_folds_exactly_and_a_recompute_drops_only_its_day(pool: PgPo
 
     // Two more plays queued, one on each day; the view counts them at once.
     for (site, seq, at) in [("s1", 3, "2026-11-20T11:00:00Z"), ("s2", 2, "2026-11-21T11:00:00Z")] {
-        insert(
-            &pool,
-            site,
-            seq,
-            "sponsor_coca_cola_30s.mp4",
-            at,
-            10.0,
-            false,
-            "loop",
-            0,
-        )
-        .await
-        .unwrap();
-        sqlx::query(
-            "INSERT INTO sponsor_daily_pending
-             SELECT ($1::timestamptz AT TIME ZONE 'UTC')::date, $2, 'sponsor_coca_cola_30s.mp4', '', 'loop', 'match', 1, 10, 0, 0",
-        )
-        .bind(at)
-        .bind(site)
-        .execute(&pool)
-        .await
-        .unwrap();
-    }
-    let view: i64 =
-        sqlx::query_scalar("SELECT total_impressions FROM sponsor_analytics_summary WHERE sponsor_id = 'coca-cola'")
-            .fetch_one(&pool)
+        insert(&pool, site, seq, FILE, at, 10.0, false, "loop", 0)
             .await
             .unwrap();
-    assert_eq!(view, 5, "queued plays are in the view before any fold");
+        queue_play(&pool, site, at, 10.0, false, 0).await;
+    }
+    assert_eq!(
+        summary_impressions(&pool).await,
+        5,
+        "queued plays are in the view before any fold"
+    );
 
     // A recompute of 2026-11-20 takes that day's queued row into the rollup
     // once (from the raw rows) and leaves 2026-11-21's queued.
@@ -457,36 +432,24 @@ async fn daily_queue_folds_exactly_and_a_recompute_drops_only_its_day(pool: PgPo
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(totals(QUEUE).await, (1, 1, 10.0));
-    assert_eq!(totals(ROLLUP).await, (2, 4, 90.0));
-    let folded: i64 = sqlx::query_scalar("SELECT sponsor_rollups_fold()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    assert_eq!(totals(&pool, QUEUE).await, (1, 1, 10.0));
+    assert_eq!(totals(&pool, ROLLUP).await, (2, 4, 90.0));
+    let folded = fold(&pool).await;
     assert!(folded >= 1, "the fold reports what it consumed, got {folded}");
-    assert_eq!(totals(QUEUE).await, (0, 0, 0.0));
-    assert_eq!(totals(ROLLUP).await, (2, 5, 100.0));
+    assert_eq!(totals(&pool, QUEUE).await, (0, 0, 0.0));
+    assert_eq!(totals(&pool, ROLLUP).await, (2, 5, 100.0));
     let per_sponsor: i64 = sqlx::query_scalar("SELECT sum(impressions)::int8 FROM sponsor_stats_daily")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(per_sponsor, 5, "the per-sponsor rollups follow the folded daily rollup");
-    let again: i64 = sqlx::query_scalar("SELECT sponsor_rollups_fold()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(again, 0, "nothing left to fold");
+    assert_eq!(fold(&pool).await, 0, "nothing left to fold");
 
     // TRUNCATE of the rollup empties its queue too.
-    sqlx::query(
-        "INSERT INTO sponsor_daily_pending VALUES ('2026-11-22', 's1', 'x.mp4', '', 'loop', 'match', 1, 1, 0, 0)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    queue_play(&pool, "s1", "2026-11-22T10:00:00Z", 1.0, false, 0).await;
     sqlx::query("TRUNCATE sponsor_daily_stats")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(totals(QUEUE).await, (0, 0, 0.0));
+    assert_eq!(totals(&pool, QUEUE).await, (0, 0, 0.0));
 }
