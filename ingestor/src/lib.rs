@@ -29,6 +29,7 @@
 pub mod bench;
 pub mod copy;
 pub mod decode;
+pub mod fold;
 pub mod http;
 pub mod pipeline;
 pub mod receipts;
@@ -56,6 +57,10 @@ pub struct Health {
     pub mqtt: AtomicBool,
     /// MQTT messages taken into a batch since start.
     pub received: AtomicU64,
+    /// Whether the MQTT pipeline has messages waiting behind a committing
+    /// batch: what [`fold::Scheduler`] reads to put a rollup fold off while
+    /// a backlog drains.
+    pub pipeline: fold::Saturation,
 }
 
 /// A built ingestor: HTTP listener bound, database pool created (lazily: the
@@ -199,11 +204,16 @@ async fn maintenance(pool: PgPool, settings: Arc<Settings>, health: Arc<Health>,
     let fold_every = Duration::from_millis(settings.rollup_fold_interval_ms.max(1));
     let mut fold = tokio::time::interval(fold_every);
     fold.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scheduler = fold::Scheduler::new(Duration::from_millis(settings.rollup_fold_defer_max_ms));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = fold.tick(), if settings.rollup_fold_interval_ms > 0 => {
-                store::fold_rollups(&pool).await;
+                if scheduler.due(&health.pipeline) {
+                    store::fold_rollups(&pool).await;
+                } else {
+                    metrics::counter!("ingestor_rollup_folds_deferred_total").increment(1);
+                }
             }
             _ = probe.tick() => {
                 let ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();

@@ -71,6 +71,11 @@ pub struct Settings {
     /// queues of deltas (`sponsor_rollups_fold()`), in milliseconds; 0 = never
     /// (readers still fold before they read).
     pub rollup_fold_interval_ms: u64,
+    /// While the MQTT pipeline is saturated (messages wait behind a
+    /// committing batch: a backlog draining), a fold is put off for at most this long
+    /// since the previous one, in milliseconds; 0 = never put off
+    /// (`crate::fold`).
+    pub rollup_fold_defer_max_ms: u64,
 }
 
 impl Default for Settings {
@@ -99,6 +104,7 @@ impl Default for Settings {
             drain_deadline_secs: 20,
             mqtt_enabled: true,
             rollup_fold_interval_ms: 1000,
+            rollup_fold_defer_max_ms: 5000,
         }
     }
 }

@@ -123,6 +123,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     })?;
     let ingestor_settings = fleet::ingestor_settings(&db_url, &broker.url, &prefix, &ingestor_id)?;
     let ingestor_fold_ms = ingestor_settings.rollup_fold_interval_ms;
+    let ingestor_defer_ms = ingestor_settings.rollup_fold_defer_max_ms;
     let ingestor = Ingestor::start(ingestor_settings).await?;
     ingestor.wait_connected(Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -218,14 +219,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     // silently outside the clock.
     let (daily_at_stop, sponsor_at_stop) = pg::rollup_pending(&pool).await?;
     let folded = pg::wait_rollups_folded(&pool, Duration::from_secs(60)).await?;
-    let after = t0.elapsed().saturating_sub(e2e_elapsed);
+    let with_fold = t0.elapsed();
+    let after = with_fold.saturating_sub(e2e_elapsed);
     let fold_cpu = cpu_stop.until(&cpu::Snapshot::take(pg_local));
     if folded {
         println!(
-            "rollups: queues ({daily_at_stop} daily and {sponsor_at_stop} per-sponsor deltas at the clock's stop) folded {:.2}s after the clock stopped; postgres meanwhile {} core-us per row (the ingestor folds every {} ms; readers fold before they read)",
+            "rollups: queues ({daily_at_stop} daily and {sponsor_at_stop} per-sponsor deltas at the clock's stop) folded {:.2}s after the clock stopped; postgres meanwhile {} core-us per row; clock plus fold {:.2}s = {:.0} rows/s with the rollups caught up (the ingestor folds every {} ms, put off up to {} ms while its pipeline is saturated; readers fold before they read)",
             after.as_secs_f64(),
             cpu::Usage::per_row(fold_cpu.postgres_s, (n * m) as u64),
+            with_fold.as_secs_f64(),
+            (n * m) as f64 / with_fold.as_secs_f64(),
             ingestor_fold_ms,
+            ingestor_defer_ms,
         );
     } else {
         println!(
