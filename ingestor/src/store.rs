@@ -40,7 +40,6 @@
 //!   row commits. A *transient* error is returned to the caller, which retries
 //!   the whole call (already committed parts are then absorbed as duplicates).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -349,8 +348,10 @@ async fn write_in(
     sites: &[String],
     extra: &[DeadLetter],
 ) -> Result<Vec<usize>, sqlx::Error> {
-    // De-duplicate on the primary key; the first occurrence is the one sent.
-    let mut seen: HashSet<(&str, i64, Uuid)> = HashSet::with_capacity(rows.len());
+    // De-duplicate on the primary key; the first occurrence is the one sent
+    // (foldhash: the keys are our own decoded rows; with SipHash this set
+    // took about 4 % of the bench process's CPU in a profile, 2026-12-07).
+    let mut seen: foldhash::HashSet<(&str, i64, Uuid)> = foldhash::HashSetExt::with_capacity(rows.len());
     let mut sent: Vec<usize> = Vec::with_capacity(rows.len());
     for &i in rows {
         let imp = &set.rows[i].imp;
@@ -442,7 +443,7 @@ async fn write_in(
         if returned.len() == sent.len() {
             new_rows = sent;
         } else if !returned.is_empty() {
-            let returned: HashSet<Uuid> = returned.into_iter().collect();
+            let returned: foldhash::HashSet<Uuid> = returned.into_iter().collect();
             new_rows = sent
                 .into_iter()
                 .filter(|&i| returned.contains(&set.rows[i].imp.impression_id))
