@@ -50,14 +50,16 @@ impl Saturation {
 #[derive(Debug)]
 pub struct Scheduler {
     defer_max: Duration,
-    last_fold: Option<Instant>,
+    /// The last fold, or when the scheduler started (the deferral window
+    /// counts from there).
+    last_fold: Instant,
 }
 
 impl Scheduler {
     pub fn new(defer_max: Duration) -> Self {
         Self {
             defer_max,
-            last_fold: None,
+            last_fold: Instant::now(),
         }
     }
 
@@ -68,11 +70,10 @@ impl Scheduler {
 
     /// [`Scheduler::due`] with the clock and the pipeline's state given.
     pub fn decide(&mut self, now: Instant, saturated: bool) -> bool {
-        let last = *self.last_fold.get_or_insert(now);
-        if saturated && now.saturating_duration_since(last) < self.defer_max {
+        if saturated && now.saturating_duration_since(self.last_fold) < self.defer_max {
             return false;
         }
-        self.last_fold = Some(now);
+        self.last_fold = now;
         true
     }
 }

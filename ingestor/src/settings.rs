@@ -72,8 +72,8 @@ pub struct Settings {
     /// (readers still fold before they read).
     pub rollup_fold_interval_ms: u64,
     /// While the MQTT pipeline is saturated (messages wait behind a
-    /// committing batch: a backlog draining), a fold is put off for at most this long
-    /// since the previous one, in milliseconds; 0 = never put off
+    /// committing batch: a backlog draining), a fold is put off for at most
+    /// this long since the previous one, in milliseconds; 0 = never put off
     /// (`crate::fold`).
     pub rollup_fold_defer_max_ms: u64,
 }
