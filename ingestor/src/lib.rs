@@ -57,9 +57,9 @@ pub struct Health {
     pub mqtt: AtomicBool,
     /// MQTT messages taken into a batch since start.
     pub received: AtomicU64,
-    /// Whether the MQTT pipeline has messages waiting behind a committing
-    /// batch: what [`fold::Scheduler`] reads to put a rollup fold off while
-    /// a backlog drains.
+    /// How much of the time the MQTT pipeline has a batch committing: what
+    /// [`fold::Scheduler`] reads to put a rollup fold off while a backlog
+    /// drains.
     pub pipeline: fold::Saturation,
 }
 

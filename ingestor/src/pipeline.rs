@@ -279,7 +279,7 @@ async fn run_subscriber(
             in_flight += 1;
             spawn_batch(&settings, &topics, &pool, &health, b, done_tx.clone());
         }
-        health.pipeline.observe(in_flight, open.is_some() || !sealed.is_empty());
+        health.pipeline.observe(in_flight);
 
         // Receipts (they follow the commit) to their own connection, then
         // acks in arrival order; neither waits for the other.
