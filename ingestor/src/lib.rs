@@ -143,6 +143,15 @@ impl App {
         ));
 
         let result = if settings.mqtt_enabled {
+            // One connection per writer, warm before the first batch (a
+            // restart with a backlog waiting is when it matters most).
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                r = store::warm_up(&pool, settings.writers) => match r {
+                    Ok(()) => tracing::debug!(connections = settings.writers, "writers' connections warmed up"),
+                    Err(e) => tracing::warn!(error = %e, "warming up the writers' connections failed; the first batches open them"),
+                },
+            }
             pipeline::run(settings.clone(), pool.clone(), health.clone(), shutdown.clone()).await
         } else {
             shutdown.cancelled().await;
