@@ -78,6 +78,31 @@ proptest! {
         prop_assert_eq!(d.valid, env.impressions);
     }
 
+    /// The envelope fast path parses with sonic-rs, the careful path and
+    /// the edge with serde_json: on anything serde_json writes (escaped and
+    /// non-ASCII text, any finite f64) both read back the same values.
+    #[test]
+    fn the_fast_path_reads_what_serde_json_reads(
+        imps in site_id().prop_flat_map(|s| prop::collection::vec(impression(s), 1..8)),
+        names in prop::collection::vec("[a-zA-Z0-9 \"\\\\/éü€😀\u{7f}\t\n-]{1,40}", 8),
+        bits in prop::collection::vec(any::<u64>(), 16),
+    ) {
+        let mut imps = imps;
+        for (k, imp) in imps.iter_mut().enumerate() {
+            imp.video_filename = names[k].clone();
+            imp.video_id = Some(names[(k + 1) % 8].clone());
+            let f = |b: u64| { let x = f64::from_bits(b & 0x7fef_ffff_ffff_ffff); if x.is_finite() { x } else { 0.0 } };
+            imp.duration_played = f(bits[2 * k]);
+            imp.video_duration = f(bits[2 * k + 1]);
+        }
+        let env = BatchEnvelope::new(&imps[0].site_id.clone(), Uuid::now_v7(), imps, now());
+        let bytes = env.encode();
+        let careful: BatchEnvelope = serde_json::from_slice(&bytes).unwrap();
+        let fast: BatchEnvelope = sonic_rs::from_slice(&bytes).unwrap();
+        prop_assert_eq!(&fast, &careful);
+        prop_assert_eq!(&fast, &env);
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = decode_envelope("s1", &bytes, now());
