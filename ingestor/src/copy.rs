@@ -1,4 +1,5 @@
-//! PostgreSQL's binary `COPY` format for `sponsor_impressions` rows.
+//! PostgreSQL's binary `COPY` format for `sponsor_impressions` rows and the
+//! daily rollup's queue `sponsor_daily_pending`.
 //!
 //! Why binary: PostgreSQL then reads uuids, timestamps, floats and integers
 //! as fixed-width big-endian values instead of parsing their text, which is
@@ -16,7 +17,10 @@
 //! All integers are big-endian. Values used here:
 //! `uuid` 16 bytes; `text` its UTF-8 bytes; `int8`/`int4` two's complement;
 //! `float8` IEEE 754 bits; `bool` one byte; `timestamptz` microseconds since
-//! 2000-01-01 00:00:00 UTC as i64.
+//! 2000-01-01 00:00:00 UTC as i64; `date` days since 2000-01-01 as i32.
+//!
+//! Two streams are written this way: the impressions ([`CopyBuffer::push`])
+//! and the daily rollup's queue of deltas ([`CopyBuffer::push_daily`]).
 //!
 //! Invariant: the column order of [`COPY_COLUMNS`] and of [`CopyBuffer::push`]
 //! are the same; a test round-trips rows through PostgreSQL and compares them
@@ -26,7 +30,7 @@
 use schema::Impression;
 use uuid::Uuid;
 
-/// The columns written, in order.
+/// The columns of `sponsor_impressions` written, in order.
 pub const COPY_COLUMNS: &str = "impression_id, site_id, seq, video_id, video_filename, played_at, \
      duration_played, video_duration, completed, event_type, period, trigger_type, audience_estimate, batch_id";
 
@@ -36,6 +40,39 @@ pub fn copy_statement() -> String {
 }
 
 const FIELDS: i16 = 14;
+
+/// The columns of the daily rollup's queue `sponsor_daily_pending` written
+/// by [`CopyBuffer::push_daily`], in order.
+pub const DAILY_PENDING_COLUMNS: &str = "day, site_id, video_filename, video_id, period, event_type, \
+     impressions, seconds_played, completed_count, audience_sum";
+
+/// `COPY sponsor_daily_pending (...) FROM STDIN (FORMAT binary)`.
+pub fn daily_pending_statement() -> String {
+    format!("COPY sponsor_daily_pending ({DAILY_PENDING_COLUMNS}) FROM STDIN (FORMAT binary)")
+}
+
+const DAILY_FIELDS: i16 = 10;
+
+/// 2000-01-01 (PostgreSQL's epoch for `date`: days since it, as i32).
+const PG_EPOCH_DATE: chrono::NaiveDate = match chrono::NaiveDate::from_ymd_opt(2000, 1, 1) {
+    Some(d) => d,
+    None => panic!("2000-01-01 is a date"),
+};
+
+/// One queued aggregate of the daily rollup: the key, then the sums.
+#[derive(Clone, Copy, Debug)]
+pub struct DailyDelta<'a> {
+    pub day: chrono::NaiveDate,
+    pub site_id: &'a str,
+    pub video_filename: &'a str,
+    pub video_id: &'a str,
+    pub period: &'a str,
+    pub event_type: &'a str,
+    pub impressions: i64,
+    pub seconds_played: f64,
+    pub completed_count: i64,
+    pub audience_sum: i64,
+}
 /// Bytes of the stream header (signature, flags, extension length): what a
 /// caller skips to append the rows of another buffer to an open stream.
 pub const HEADER_LEN: usize = 19;
@@ -104,6 +141,24 @@ impl CopyBuffer {
         self.rows += 1;
     }
 
+    /// Appends one row of `sponsor_daily_pending` (a stream of those rows
+    /// only: see [`daily_pending_statement`]).
+    pub fn push_daily(&mut self, d: &DailyDelta<'_>) {
+        self.buf.extend_from_slice(&DAILY_FIELDS.to_be_bytes());
+        let days = i32::try_from(d.day.signed_duration_since(PG_EPOCH_DATE).num_days()).unwrap_or(i32::MAX);
+        self.field(&days.to_be_bytes());
+        self.field(d.site_id.as_bytes());
+        self.field(d.video_filename.as_bytes());
+        self.field(d.video_id.as_bytes());
+        self.field(d.period.as_bytes());
+        self.field(d.event_type.as_bytes());
+        self.field(&d.impressions.to_be_bytes());
+        self.field(&d.seconds_played.to_bits().to_be_bytes());
+        self.field(&d.completed_count.to_be_bytes());
+        self.field(&d.audience_sum.to_be_bytes());
+        self.rows += 1;
+    }
+
     /// Rows appended so far.
     pub fn rows(&self) -> usize {
         self.rows
@@ -153,5 +208,47 @@ mod tests {
         assert_eq!(&b[b.len() - 2..], &(-1i16).to_be_bytes());
         // Two NULLs (audience, batch) just before the trailer.
         assert_eq!(&b[b.len() - 10..b.len() - 2], &[0xff; 8]);
+    }
+
+    #[test]
+    fn daily_delta_layout() {
+        let mut c = CopyBuffer::with_rows(1);
+        c.push_daily(&DailyDelta {
+            day: chrono::NaiveDate::from_ymd_opt(2000, 1, 3).unwrap(),
+            site_id: "s",
+            video_filename: "f.mp4",
+            video_id: "",
+            period: "loop",
+            event_type: "match",
+            impressions: 2,
+            seconds_played: 1.5,
+            completed_count: 1,
+            audience_sum: 7,
+        });
+        assert_eq!(c.rows(), 1);
+        let b = c.finish();
+        let row = &b[HEADER_LEN..b.len() - TRAILER_LEN];
+        let mut want = Vec::new();
+        want.extend_from_slice(&10i16.to_be_bytes());
+        for f in [
+            &2i32.to_be_bytes()[..],
+            b"s",
+            b"f.mp4",
+            b"",
+            b"loop",
+            b"match",
+            &2i64.to_be_bytes(),
+            &1.5f64.to_bits().to_be_bytes(),
+            &1i64.to_be_bytes(),
+            &7i64.to_be_bytes(),
+        ] {
+            want.extend_from_slice(&(f.len() as i32).to_be_bytes());
+            want.extend_from_slice(f);
+        }
+        assert_eq!(
+            row,
+            &want[..],
+            "two days after PostgreSQL's epoch, then the key and the sums"
+        );
     }
 }

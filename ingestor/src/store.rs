@@ -613,53 +613,27 @@ async fn queue_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -
         a.audience += i64::from(imp.audience_estimate.unwrap_or(0));
     }
     drop(index);
-    let n = m.len();
-    let (mut day, mut site, mut file, mut vid, mut period, mut event) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut cnt, mut secs, mut comp, mut aud) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for ((d, s, f, v, p, e), a) in m {
-        day.push(d);
-        site.push(s);
-        file.push(f);
-        vid.push(v);
-        period.push(p);
-        event.push(e);
-        cnt.push(a.n);
-        secs.push(a.secs);
-        comp.push(a.completed);
-        aud.push(a.audience);
+    // A binary COPY rather than `INSERT ... SELECT FROM UNNEST`: the server
+    // inserts the rows in batches (one WAL record per page, not per row)
+    // and parses no arrays. A batch queues one row per five or six of its
+    // impressions, so this was a tenth of the writers' database time.
+    let mut buf = crate::copy::CopyBuffer::with_rows(m.len());
+    for ((day, site_id, video_filename, video_id, period, event_type), a) in &m {
+        buf.push_daily(&crate::copy::DailyDelta {
+            day: *day,
+            site_id,
+            video_filename,
+            video_id,
+            period,
+            event_type,
+            impressions: a.n,
+            seconds_played: a.secs,
+            completed_count: a.completed,
+            audience_sum: a.audience,
+        });
     }
-    sqlx::query(QUEUE_ROLLUP)
-        .bind(&day)
-        .bind(&site)
-        .bind(&file)
-        .bind(&vid)
-        .bind(&period)
-        .bind(&event)
-        .bind(&cnt)
-        .bind(&secs)
-        .bind(&comp)
-        .bind(&aud)
-        .execute(conn)
-        .await?;
+    let mut copy = conn.copy_in_raw(&crate::copy::daily_pending_statement()).await?;
+    copy.send(buf.finish()).await?;
+    copy.finish().await?;
     Ok(())
 }
-
-const QUEUE_ROLLUP: &str = r#"
-INSERT INTO sponsor_daily_pending
-    (day, site_id, video_filename, video_id, period, event_type,
-     impressions, seconds_played, completed_count, audience_sum)
-SELECT * FROM UNNEST($1::date[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::int8[], $8::float8[], $9::int8[], $10::int8[])
-"#;
