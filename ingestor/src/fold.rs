@@ -104,17 +104,18 @@ impl Saturation {
     /// the pipeline goes from idle to busy or back, so calling this after
     /// every event costs an uncontended lock.
     pub fn observe(&self, committing: usize) {
-        let mut c = self.clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if (committing > 0) != c.busy_since.is_some() {
-            c.transition(Instant::now());
-        }
+        self.observe_with(committing, Instant::now);
     }
 
     /// [`Saturation::observe`] with the clock given (tests).
     pub fn observe_at(&self, now: Instant, committing: usize) {
+        self.observe_with(committing, || now);
+    }
+
+    fn observe_with(&self, committing: usize, now: impl FnOnce() -> Instant) {
         let mut c = self.clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if (committing > 0) != c.busy_since.is_some() {
-            c.transition(now);
+            c.transition(now());
         }
     }
 
