@@ -15,7 +15,8 @@
 //! thread ends and we retry with new ports.
 //!
 //! The router is configured from [`BrokerSettings`]: packet limit above
-//! `schema::mqtt::MAX_PACKET_BYTES`, 10k+ connections, inflight 100, and
+//! `schema::mqtt::MAX_PACKET_BYTES`, 10k+ connections, the outbound window
+//! `limits.max_outgoing_inflight` (vendored patch 3), and
 //! in-memory logs sized per [`crate::settings::LogSettings`]. The wildcard
 //! filters of our three topic kinds are created at start
 //! (`initialized_filters`) so that a publish made before the ingestor
@@ -261,6 +262,7 @@ pub fn build_config(
     let router = RouterConfig {
         max_connections: s.limits.max_connections,
         max_outgoing_packet_count: s.limits.max_outgoing_packet_count,
+        max_outgoing_inflight: Some(s.limits.max_outgoing_inflight),
         max_segment_size: other.max_segment_size,
         max_segment_count: other.max_segment_count,
         custom_segment: Some(HashMap::from([(

@@ -103,6 +103,10 @@ impl BrokerSettings {
         );
         anyhow::ensure!(self.limits.max_connections >= 1, "limits.max_connections must be >= 1");
         anyhow::ensure!(
+            self.limits.max_outgoing_inflight >= 1,
+            "limits.max_outgoing_inflight must be >= 1"
+        );
+        anyhow::ensure!(
             self.limits.connection_timeout_ms >= 100,
             "limits.connection_timeout_ms must be >= 100"
         );
@@ -151,9 +155,17 @@ pub struct Limits {
     /// Largest MQTT packet accepted. At least `schema::mqtt::MAX_PACKET_BYTES`
     /// plus room for the fixed header and topic.
     pub max_payload_size: usize,
-    /// QoS 1 messages in flight per connection (rumqttd's outbound window is
-    /// fixed at 100; the inbound one follows this).
+    /// QoS 1 messages a client may have in flight towards the broker (the
+    /// inbound window).
     pub max_inflight_count: usize,
+    /// QoS 1 messages the broker may have in flight towards one client,
+    /// unacknowledged (the outbound window; upstream rumqttd fixes it at 100,
+    /// our vendored patch 3 reads it from here). The ingestor acknowledges
+    /// only after its rows commit, so this bounds how many envelopes wait in
+    /// its open and committing batches: at 100 its writers starve between
+    /// commits. The window's buffer grows on demand, so a TV box that reads
+    /// one receipt at a time pays nothing for it.
+    pub max_outgoing_inflight: u16,
     /// A TCP connection must send CONNECT within this time.
     pub connection_timeout_ms: u16,
     /// Pause between two accepted connections (rumqttd's accept-loop throttle;
@@ -169,6 +181,7 @@ impl Default for Limits {
             max_connections: 10_240,
             max_payload_size: schema::mqtt::MAX_PACKET_BYTES + 64 * 1024,
             max_inflight_count: 100,
+            max_outgoing_inflight: 400,
             connection_timeout_ms: 30_000,
             next_connection_delay_ms: 0,
             max_outgoing_packet_count: 200,

@@ -31,7 +31,8 @@
 //! batch commits).
 //!
 //! The broker's own inflight window bounds how many unacked messages we hold
-//! (Mosquitto: 20 by default; rumqttd: 100), so memory is bounded without
+//! (Mosquitto: 20 by default, `max_inflight_messages`; our broker: 400,
+//! `limits.max_outgoing_inflight`), so memory is bounded without
 //! flow control of our own.
 
 use std::collections::VecDeque;

@@ -202,6 +202,13 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// NeoPro patch 3: QoS 1/2 publishes sent to one connection and not yet
+    /// acknowledged (the outbound window; also the wrap point of the packet
+    /// ids the broker assigns). `None` keeps upstream's fixed 100; 0 counts as
+    /// 1. The window's buffer grows on demand, so a large value costs memory
+    /// only on the connections that use it.
+    #[serde(default)]
+    pub max_outgoing_inflight: Option<u16>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

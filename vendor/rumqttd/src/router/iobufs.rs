@@ -15,8 +15,9 @@ use crate::{
 
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
-const MAX_INFLIGHT: usize = 100;
-const MAX_PKID: u16 = MAX_INFLIGHT as u16;
+/// Upstream's fixed outbound window, kept as the default (NeoPro patch 3
+/// makes it `RouterConfig::max_outgoing_inflight`).
+pub(crate) const DEFAULT_MAX_INFLIGHT: u16 = 100;
 
 #[derive(Debug)]
 pub struct Incoming {
@@ -64,6 +65,9 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// Outbound window: unacknowledged QoS 1/2 publishes allowed, and the
+    /// largest packet id assigned (ids wrap from it to 1).
+    max_inflight: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -73,11 +77,15 @@ impl Outgoing {
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
         let data_buffer = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
-        let inflight_buffer = VecDeque::with_capacity(MAX_INFLIGHT);
-        let unacked_pubrels = VecDeque::with_capacity(MAX_INFLIGHT);
+        // NeoPro patch 3: the inflight buffers grow on demand (a few
+        // doublings per connection's life) instead of being preallocated to
+        // the window: most connections (a TV box reading its receipts) never
+        // have more than a handful in flight, and a window of several hundred
+        // preallocated for 10,000 of them would be hundreds of megabytes.
+        let inflight_buffer = VecDeque::new();
+        let unacked_pubrels = VecDeque::new();
 
         // Ensure that there won't be any new allocations
-        assert!(MAX_INFLIGHT <= inflight_buffer.capacity());
         assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity());
 
         let outgoing = Self {
@@ -87,10 +95,18 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
             meter: Default::default(),
         };
 
         (outgoing, rx)
+    }
+
+    /// Sets the outbound window (NeoPro patch 3). Called by the router when it
+    /// registers the connection, before anything is in flight.
+    pub(crate) fn set_max_inflight(&mut self, max_inflight: u16) {
+        debug_assert!(self.inflight_buffer.is_empty());
+        self.max_inflight = max_inflight.max(1);
     }
 
     #[inline]
@@ -99,7 +115,7 @@ impl Outgoing {
     }
 
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        usize::from(self.max_inflight).saturating_sub(self.inflight_buffer.len())
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
@@ -140,7 +156,7 @@ impl Outgoing {
                 .push_back((self.last_pkid, filter_idx, p.cursor));
 
             // Place max pkid packet at index 0
-            if self.last_pkid == MAX_PKID {
+            if self.last_pkid == self.max_inflight {
                 self.last_pkid = 0;
             }
 
@@ -152,10 +168,10 @@ impl Outgoing {
         let buffer_count = buffer.len();
         let inflight_count = self.inflight_buffer.len();
 
-        if inflight_count > MAX_INFLIGHT {
+        if inflight_count > usize::from(self.max_inflight) {
             warn!(
                 "More inflight publishes than max allowed, inflight count = {}, max allowed = {}",
-                inflight_count, MAX_INFLIGHT
+                inflight_count, self.max_inflight
             );
         }
 
@@ -243,6 +259,75 @@ mod test {
 
         outgoing.inflight_buffer.extend(buf);
         assert_eq!(outgoing.retransmission_map(), result);
+    }
+
+    fn forwards(count: usize) -> impl Iterator<Item = Forward> {
+        use crate::protocol::{Publish, QoS};
+        (0..count).map(|i| Forward {
+            cursor: Some((0, i as u64)),
+            size: 1,
+            publish: Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                pkid: 0,
+                retain: false,
+                topic: "t".into(),
+                payload: vec![1u8].into(),
+            },
+            properties: None,
+        })
+    }
+
+    fn pkids(outgoing: &Outgoing) -> Vec<u16> {
+        outgoing.inflight_buffer.iter().map(|(pkid, _, _)| *pkid).collect()
+    }
+
+    /// NeoPro patch 3: without a setting, the window is upstream's 100.
+    #[test]
+    fn default_window_is_upstreams_100() {
+        let (mut outgoing, _) = Outgoing::new("default-window".to_string());
+        assert_eq!(outgoing.free_slots(), 100);
+        outgoing.push_forwards(forwards(100), 1, 0);
+        assert_eq!(outgoing.free_slots(), 0);
+        assert_eq!(pkids(&outgoing), (1..=100).collect::<Vec<u16>>());
+    }
+
+    /// NeoPro patch 3: a configured window bounds the publishes in flight and
+    /// the packet ids, which wrap to 1 after it; acks still go in order.
+    #[test]
+    fn configured_window_bounds_inflight_and_wraps_packet_ids() {
+        let (mut outgoing, _) = Outgoing::new("wide-window".to_string());
+        outgoing.set_max_inflight(400);
+        assert_eq!(outgoing.free_slots(), 400);
+
+        outgoing.push_forwards(forwards(400), 1, 0);
+        assert_eq!(outgoing.free_slots(), 0);
+        assert_eq!(pkids(&outgoing), (1..=400).collect::<Vec<u16>>());
+
+        for pkid in 1..=150 {
+            assert_eq!(outgoing.register_ack(pkid), Some(()));
+        }
+        assert_eq!(outgoing.free_slots(), 150);
+        outgoing.push_forwards(forwards(150), 1, 0);
+        let expected: Vec<u16> = (151..=400).chain(1..=150).collect();
+        assert_eq!(pkids(&outgoing), expected);
+        // An ack out of order is still refused.
+        assert_eq!(outgoing.register_ack(152), None);
+    }
+
+    /// NeoPro patch 3: the window is not preallocated, so an idle connection
+    /// costs no window-sized buffer; a window of 0 counts as 1.
+    #[test]
+    fn window_buffer_grows_on_demand() {
+        let (mut outgoing, _) = Outgoing::new("lazy-window".to_string());
+        outgoing.set_max_inflight(4000);
+        assert_eq!(outgoing.inflight_buffer.capacity(), 0);
+        outgoing.push_forwards(forwards(3), 1, 0);
+        assert!(outgoing.inflight_buffer.capacity() < 100);
+
+        let (mut tiny, _) = Outgoing::new("tiny-window".to_string());
+        tiny.set_max_inflight(0);
+        assert_eq!(tiny.free_slots(), 1);
     }
 
     // use super::{Outgoing, MAX_INFLIGHT};

@@ -486,6 +486,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            max_outgoing_inflight: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -506,6 +507,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            max_outgoing_inflight: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
@@ -531,6 +533,7 @@ mod test {
             custom_segment: None,
             initialized_filters: Some(vec!["warm/+".to_owned(), "warm/a".to_owned()]),
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            max_outgoing_inflight: None,
         };
         let filters = [
             "neopro/sites/a/receipts", "neopro/sites/+/impressions", "neopro/sites/a/impressions",

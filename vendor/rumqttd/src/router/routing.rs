@@ -354,6 +354,13 @@ impl Router {
             );
         }
 
+        // NeoPro patch 3: the outbound window comes from the router's config.
+        outgoing.set_max_inflight(
+            self.config
+                .max_outgoing_inflight
+                .unwrap_or(super::iobufs::DEFAULT_MAX_INFLIGHT),
+        );
+
         let connection_id = self.connections.insert(connection);
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
