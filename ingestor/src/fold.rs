@@ -220,6 +220,13 @@ mod tests {
 
     const S: Duration = Duration::from_secs(1);
 
+    /// Feeds `p` the commits in flight at each `(milliseconds after t0, count)`.
+    fn timeline(p: &Saturation, t0: Instant, steps: &[(u64, usize)]) {
+        for &(ms, in_flight) in steps {
+            p.observe_at(t0 + Duration::from_millis(ms), in_flight);
+        }
+    }
+
     #[test]
     fn a_pipeline_that_keeps_up_folds_at_every_tick() {
         let t0 = Instant::now();
@@ -252,11 +259,7 @@ mod tests {
         assert_eq!(p.take(t0).fraction, 0.0, "a new interval");
         let ms = Duration::from_millis;
         // Light load: two commits of 20 ms in a second.
-        p.observe_at(t0 + ms(100), 1);
-        p.observe_at(t0 + ms(110), 1);
-        p.observe_at(t0 + ms(120), 0);
-        p.observe_at(t0 + ms(800), 2);
-        p.observe_at(t0 + ms(820), 0);
+        timeline(&p, t0, &[(100, 1), (110, 1), (120, 0), (800, 2), (820, 0)]);
         let light = p.take(t0 + ms(1000));
         assert!((light.fraction - 0.04).abs() < 1e-9, "{light:?}");
         assert!(
@@ -266,11 +269,7 @@ mod tests {
         assert!(!light.saturated());
         // A backlog: committing all along but for two short gaps (the
         // pipeline waiting for the broker between two batches).
-        p.observe_at(t0 + ms(1000), 1);
-        p.observe_at(t0 + ms(1400), 0);
-        p.observe_at(t0 + ms(1420), 1);
-        p.observe_at(t0 + ms(1800), 0);
-        p.observe_at(t0 + ms(1830), 2);
+        timeline(&p, t0, &[(1000, 1), (1400, 0), (1420, 1), (1800, 0), (1830, 2)]);
         let backlog = p.take(t0 + ms(2000));
         assert!((backlog.fraction - 0.95).abs() < 1e-9, "{backlog:?}");
         assert!((backlog.recent - 0.88).abs() < 1e-9, "{backlog:?}");
@@ -293,11 +292,11 @@ mod tests {
         p.take(t0);
         let ms = Duration::from_millis;
         // Busy from 600 ms on, with the short pauses of a broker's window.
-        p.observe_at(t0 + ms(600), 1);
-        for k in 0..3 {
-            p.observe_at(t0 + ms(700 + 100 * k), 0);
-            p.observe_at(t0 + ms(705 + 100 * k), 1);
-        }
+        timeline(
+            &p,
+            t0,
+            &[(600, 1), (700, 0), (705, 1), (800, 0), (805, 1), (900, 0), (905, 1)],
+        );
         let b = p.take(t0 + ms(1000));
         assert!((b.fraction - 0.385).abs() < 1e-9, "{b:?}");
         assert!((b.recent - 0.96).abs() < 1e-9, "{b:?}");
