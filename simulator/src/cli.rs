@@ -79,7 +79,8 @@ pub struct FleetArgs {
     #[arg(long)]
     pub end_day: Option<chrono::NaiveDate>,
     /// Reuse the database instead of dropping and re-creating it (the check
-    /// stays scoped to this run's sites).
+    /// stays scoped to this run's sites; `bench` empties its impression and
+    /// rollup tables before each round, since it replays the same plays).
     #[arg(long)]
     pub keep_database: bool,
     /// Log format of the embedded services: human|json.
@@ -137,6 +138,10 @@ pub struct BenchArgs {
     /// Impressions per envelope.
     #[arg(long, default_value_t = 500)]
     pub batch_max_impressions: usize,
+    /// Rounds of burst and baseline, each on a re-created database; the
+    /// last line reports the medians (the steady phase runs in the last).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Rows per COPY statement of the baseline.
     #[arg(long, default_value_t = 50_000)]
     pub copy_chunk: usize,

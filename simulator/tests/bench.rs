@@ -1,7 +1,9 @@
 //! `neopro-sim bench` end to end at a small scale: boxes in this process, and
 //! boxes spread over child `box-host` processes (how 10,000 sessions fit
-//! under a 20,000-descriptor limit). Each run ends with the exactly-once
-//! check; figures are printed, never asserted.
+//! under a 20,000-descriptor limit). Two rounds each (the second resumes
+//! the first's broker sessions with new boxes and a new ingestor); every
+//! round ends with the exactly-once check; figures are printed, never
+//! asserted.
 
 use clap::Parser;
 use simulator::cli::{Cli, Command};
@@ -27,6 +29,8 @@ async fn bench(broker: &str, extra: &[&str]) {
         "1",
         "--timeout-secs",
         "120",
+        "--rounds",
+        "2",
         "--box-host-exe",
         env!("CARGO_BIN_EXE_neopro-sim"),
     ];
