@@ -166,8 +166,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         results.push(round);
     }
     let exact = results.iter().all(|r| r.exact);
-    let e2e = median(results.iter().map(|r| r.e2e_rate));
-    let copy = median(results.iter().map(|r| r.copy_rate));
+    let e2e = Spread::of(results.iter().map(|r| r.e2e_rate));
+    let copy = Spread::of(results.iter().map(|r| r.copy_rate));
     let p99 = if hist.is_empty() {
         "nan".to_owned()
     } else {
@@ -175,28 +175,42 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     };
     if rounds > 1 {
         println!(
-            "median of {rounds} rounds: e2e {e2e:.0} rows/s (min {:.0}, max {:.0}), copy {copy:.0} rows/s (min {:.0}, max {:.0})",
-            results.iter().map(|r| r.e2e_rate).fold(f64::INFINITY, f64::min),
-            results.iter().map(|r| r.e2e_rate).fold(0.0, f64::max),
-            results.iter().map(|r| r.copy_rate).fold(f64::INFINITY, f64::min),
-            results.iter().map(|r| r.copy_rate).fold(0.0, f64::max),
+            "median of {rounds} rounds: e2e {:.0} rows/s (min {:.0}, max {:.0}), copy {:.0} rows/s (min {:.0}, max {:.0})",
+            e2e.median, e2e.min, e2e.max, copy.median, copy.min, copy.max,
         );
     }
     println!(
-        "e2e_rows_per_s={e2e:.0} copy_rows_per_s={copy:.0} ratio={:.2} p99_ms={p99}",
-        e2e / copy
+        "e2e_rows_per_s={:.0} copy_rows_per_s={:.0} ratio={:.2} p99_ms={p99}",
+        e2e.median,
+        copy.median,
+        e2e.median / copy.median
     );
     Ok(exact)
 }
 
-/// The median of `values` (the mean of the middle two for an even count).
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        k if k % 2 == 1 => v[k / 2],
-        k => (v[k / 2 - 1] + v[k / 2]) / 2.0,
+/// Median (the mean of the middle two for an even count), min and max of
+/// the rounds' figures.
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = values.collect();
+        v.sort_by(f64::total_cmp);
+        let k = v.len();
+        let median = match k {
+            0 => f64::NAN,
+            _ if k % 2 == 1 => v[k / 2],
+            _ => (v[k / 2 - 1] + v[k / 2]) / 2.0,
+        };
+        Self {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+        }
     }
 }
 
@@ -262,7 +276,6 @@ async fn run_round(ctx: &Ctx<'_>, steady: Option<&mut Histogram<u64>>) -> anyhow
     };
     let fill_start = Instant::now();
     let mut edges = Boxes::open(&place, sites).await?;
-
     anyhow::ensure!(
         edges.unconfirmed().await? == (n * m) as u64,
         "outboxes hold fewer plays than generated"
