@@ -53,6 +53,13 @@ pub struct Settings {
     /// Seal at once when no batch is committing (no added latency at low load).
     pub seal_when_idle: bool,
     /// Batches committing concurrently (one database connection each).
+    /// Two, not three: on the bench's two cores the writers' backends spent
+    /// a quarter of their samples waiting on PostgreSQL's `WALWrite` lock
+    /// (one backend writes or syncs the WAL, the others wait, the core
+    /// idles), and a third writer added more of that wait than work. Six
+    /// alternated `neopro-sim bench` runs, 2026-12-07: two writers beat three
+    /// in five (e2e median 165k-175k rows/s against 154k-161k), the sixth
+    /// tied; the steady p99 was unchanged.
     pub writers: usize,
     /// How rows are inserted: `copy` (optimistic COPY, falls back to
     /// `unnest` on a duplicate) or `unnest` (INSERT ... ON CONFLICT DO NOTHING).
@@ -97,7 +104,7 @@ impl Default for Settings {
             batch_max_rows: 20_000,
             batch_max_age_ms: 50,
             seal_when_idle: true,
-            writers: 3,
+            writers: 2,
             insert_method: crate::store::InsertMethod::Copy,
             retry_min_ms: 100,
             retry_max_ms: 10_000,
