@@ -148,8 +148,9 @@ pub struct BenchArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
-    /// Child processes holding the boxes [default: 0 while every box's file
-    /// descriptors fit in this process under its open-file limit, else as
+    /// Child processes holding the boxes (0: in this process, beside the
+    /// broker and the ingestor) [default: 1 while every box's file
+    /// descriptors fit in one process under its open-file limit, else as
     /// many as needed].
     #[arg(long)]
     pub box_processes: Option<usize>,
