@@ -120,6 +120,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         args.batch_delay_ms,
         args.batch_max_impressions
     );
+    // The conditions of the baseline and the chain alike; the ingestor
+    // README's "PostgreSQL settings" says which of them matter.
+    println!("server: {}", pg::server_settings(&db_url).await?);
     let catalogue = Catalogue::standard();
     let spec = FleetSpec {
         sites: n,

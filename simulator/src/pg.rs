@@ -74,6 +74,41 @@ pub async fn recreate_database(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server settings that decide the ingest path's speed, as one line for
+/// the bench's output: a ratio means little without them. Read from the
+/// maintenance database (the bench's own is re-created per round).
+///
+/// `wal_buffers` matters most: the chain's writers commit concurrently and
+/// share the WAL buffers, where the baseline's single COPY never waits on
+/// anyone. At the default 4 MB (1/32 of a 128 MB `shared_buffers`) a
+/// quarter of the writers' samples waited on the `WALWrite` lock and the
+/// bench's ratio was 0.70-0.75 on this machine; at 64 MB, 0.76-0.79
+/// (2026-12-07; the ingestor README's "PostgreSQL settings").
+pub async fn server_settings(url: &str) -> anyhow::Result<String> {
+    let opts = PgConnectOptions::from_str(url).context("invalid database URL")?;
+    let mut admin = opts
+        .database("postgres")
+        .connect()
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))?;
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, current_setting(name) FROM pg_settings \
+         WHERE name IN ('server_version', 'shared_buffers', 'wal_buffers', 'synchronous_commit', \
+                        'fsync', 'full_page_writes', 'max_wal_size') \
+         ORDER BY array_position(ARRAY['server_version', 'shared_buffers', 'wal_buffers', \
+                  'synchronous_commit', 'fsync', 'full_page_writes', 'max_wal_size'], name::text)",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .context("reading the server's settings")?;
+    admin.close().await.ok();
+    Ok(rows
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
 /// `url` without its password, for messages.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
