@@ -592,11 +592,6 @@ async fn copy_rows(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> R
     Ok(())
 }
 
-/// Queues the aggregates of `rows` (all known to be new) for the daily
-/// rollup: one row per key appended to `sponsor_daily_pending`, which
-/// `sponsor_rollups_fold()` merges into `sponsor_daily_stats` (migration
-/// `20261206000010`). An append to a heap without index: no hot row, so
-/// concurrent writers never wait on each other here.
 /// Days from 1970-01-01 to the UTC date of `t` (negative before it).
 fn utc_day_number(t: DateTime<Utc>) -> i64 {
     t.timestamp().div_euclid(86_400)
@@ -609,6 +604,11 @@ fn unix_day(day: i64) -> NaiveDate {
         .unwrap_or(NaiveDate::MAX)
 }
 
+/// Queues the aggregates of `rows` (all known to be new) for the daily
+/// rollup: one row per key appended to `sponsor_daily_pending`, which
+/// `sponsor_rollups_fold()` merges into `sponsor_daily_stats` (migration
+/// `20261206000010`). An append to a heap without index: no hot row, so
+/// concurrent writers never wait on each other here.
 async fn queue_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> Result<(), sqlx::Error> {
     #[derive(Default)]
     struct Agg {

@@ -60,13 +60,7 @@ pub async fn recreate_database(url: &str) -> anyhow::Result<()> {
     if matches!(name.as_str(), "postgres" | "template0" | "template1") {
         bail!("refusing to drop the maintenance database '{name}'");
     }
-    let mut admin = opts
-        .clone()
-        .database("postgres")
-        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(30))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))?;
+    let mut admin = connect_maintenance(url, &opts).await?;
     let q = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", name.replace('"', "\"\""));
     sqlx::query(&q).execute(&mut admin).await.context("dropping database")?;
     admin.close().await.ok();
@@ -86,11 +80,7 @@ pub async fn recreate_database(url: &str) -> anyhow::Result<()> {
 /// (2026-12-07; the ingestor README's "PostgreSQL settings").
 pub async fn server_settings(url: &str) -> anyhow::Result<String> {
     let opts = PgConnectOptions::from_str(url).context("invalid database URL")?;
-    let mut admin = opts
-        .database("postgres")
-        .connect()
-        .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))?;
+    let mut admin = connect_maintenance(url, &opts).await?;
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT name, current_setting(name) FROM pg_settings \
          WHERE name IN ('server_version', 'shared_buffers', 'wal_buffers', 'synchronous_commit', \
@@ -107,6 +97,17 @@ pub async fn server_settings(url: &str) -> anyhow::Result<String> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" "))
+}
+
+/// A connection to the server's maintenance database `postgres` (`opts`
+/// parsed from `url`, which names the server in errors, password redacted).
+async fn connect_maintenance(url: &str, opts: &PgConnectOptions) -> anyhow::Result<sqlx::PgConnection> {
+    opts.clone()
+        .database("postgres")
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))
 }
 
 /// `url` without its password, for messages.
