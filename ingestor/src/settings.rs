@@ -165,7 +165,7 @@ pub struct CommonArgs {
     /// Topic prefix; subscribes {prefix}/sites/+/impressions [default: neopro].
     #[arg(long, global = true, env = "NEOPRO_TOPIC_PREFIX")]
     pub topic_prefix: Option<String>,
-    /// Seal a batch at this many messages [default: 64].
+    /// Seal a batch at this many messages [default: 128].
     #[arg(long, global = true, env = "NEOPRO_INGESTOR_BATCH_MAX_MESSAGES")]
     pub batch_max_messages: Option<usize>,
     /// Seal a batch at this many impressions [default: 20000].
@@ -174,7 +174,7 @@ pub struct CommonArgs {
     /// Seal a batch when its oldest message is this old, in ms [default: 50].
     #[arg(long, global = true, env = "NEOPRO_INGESTOR_BATCH_MAX_AGE_MS")]
     pub batch_max_age_ms: Option<u64>,
-    /// Batches committing concurrently, one DB connection each [default: 3].
+    /// Batches committing concurrently, one DB connection each [default: 2].
     #[arg(long, global = true, env = "NEOPRO_INGESTOR_WRITERS")]
     pub writers: Option<usize>,
     /// Insert method: copy|unnest [default: copy].
