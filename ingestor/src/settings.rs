@@ -267,3 +267,47 @@ impl std::fmt::Debug for Settings {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The flags' help states each default by hand (a flag left unset must
+    /// not override the file or the environment, so clap cannot know it);
+    /// this keeps those words equal to [`Settings::default`], which is what
+    /// runs. `--writers` and `--batch-max-messages` once drifted.
+    #[test]
+    fn flag_help_states_the_defaults_that_run() {
+        let d = Settings::default();
+        let cmd = Cli::command();
+        for (flag, default) in [
+            ("database_url", d.database_url.clone()),
+            ("mqtt_url", d.mqtt_url.to_string()),
+            ("http_addr", d.http_addr.to_string()),
+            ("client_id", d.client_id.clone()),
+            ("topic_prefix", d.topic_prefix.clone()),
+            ("batch_max_messages", d.batch_max_messages.to_string()),
+            ("batch_max_rows", d.batch_max_rows.to_string()),
+            ("batch_max_age_ms", d.batch_max_age_ms.to_string()),
+            ("writers", d.writers.to_string()),
+            ("max_envelope_bytes", d.max_envelope_bytes.to_string()),
+            ("drain_deadline_secs", d.drain_deadline_secs.to_string()),
+        ] {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == flag)
+                .unwrap_or_else(|| panic!("no flag {flag}"));
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(
+                help.contains(&format!("[default: {default}]")),
+                "--{flag}: help '{help}' should say [default: {default}]"
+            );
+        }
+        assert_eq!(
+            d.insert_method,
+            crate::store::InsertMethod::Copy,
+            "--insert-method help says copy"
+        );
+    }
+}
