@@ -342,14 +342,16 @@ async fn write_part(
 /// impression_id)`. Hashed on the id alone: a fresh UUID per play makes it
 /// as good as the whole key, and hashing 16 bytes instead of the site's text
 /// as well is measurably cheaper at tens of thousands of rows per batch.
-/// Equality still compares the whole key, so two plays that share an id
-/// but not a site or an instant stay two rows, as in the database.
+/// Equality still compares the whole key, the instant at the database's
+/// microsecond precision (what the COPY sends), so two plays that share an
+/// id but not a site or an instant stay two rows, as in the database, and
+/// two that the database would see as one are one here too.
 struct PrimaryKey<'a>(&'a Impression);
 
 impl PartialEq for PrimaryKey<'_> {
     fn eq(&self, other: &Self) -> bool {
         self.0.impression_id == other.0.impression_id
-            && self.0.played_at == other.0.played_at
+            && self.0.played_at.timestamp_micros() == other.0.played_at.timestamp_micros()
             && self.0.site_id == other.0.site_id
     }
 }

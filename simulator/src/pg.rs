@@ -76,18 +76,24 @@ pub async fn recreate_database(url: &str) -> anyhow::Result<()> {
 /// share the WAL buffers, where the baseline's single COPY never waits on
 /// anyone. At the default 4 MB (1/32 of a 128 MB `shared_buffers`) a
 /// quarter of the writers' samples waited on the `WALWrite` lock and the
-/// bench's ratio was 0.70-0.75 on this machine; at 64 MB, 0.76-0.79
+/// bench's ratio was 0.70-0.78 on this machine; at 64 MB, 0.76-0.79
 /// (2026-12-07; the ingestor README's "PostgreSQL settings").
 pub async fn server_settings(url: &str) -> anyhow::Result<String> {
     let opts = PgConnectOptions::from_str(url).context("invalid database URL")?;
     let mut admin = connect_maintenance(url, &opts).await?;
+    const NAMES: [&str; 7] = [
+        "server_version",
+        "shared_buffers",
+        "wal_buffers",
+        "synchronous_commit",
+        "fsync",
+        "full_page_writes",
+        "max_wal_size",
+    ];
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT name, current_setting(name) FROM pg_settings \
-         WHERE name IN ('server_version', 'shared_buffers', 'wal_buffers', 'synchronous_commit', \
-                        'fsync', 'full_page_writes', 'max_wal_size') \
-         ORDER BY array_position(ARRAY['server_version', 'shared_buffers', 'wal_buffers', \
-                  'synchronous_commit', 'fsync', 'full_page_writes', 'max_wal_size'], name::text)",
+        "SELECT name, current_setting(name) FROM unnest($1::text[]) WITH ORDINALITY AS s(name, i) ORDER BY i",
     )
+    .bind(&NAMES[..])
     .fetch_all(&mut admin)
     .await
     .context("reading the server's settings")?;
