@@ -9,6 +9,7 @@ FROM rust:1.95-slim-bookworm AS builder
 WORKDIR /src
 # Dependencies first, so that a source change does not refetch the registry.
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY .cargo .cargo
 COPY schema schema
 COPY runtime runtime
 COPY broker broker

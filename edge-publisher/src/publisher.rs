@@ -475,11 +475,12 @@ impl Publisher {
 }
 
 /// Builds the JSON of a [`BatchEnvelope`] around already-serialised
-/// impressions (the outbox stores each as the exact JSON the envelope needs),
-/// without parsing them again.
-pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: &[Claimed]) -> Vec<u8> {
-    let first = claimed.iter().map(|c| c.seq).min().unwrap_or(0);
-    let last = claimed.iter().map(|c| c.seq).max().unwrap_or(0);
+/// impressions (the outbox stores each as the exact JSON the envelope needs
+/// and hands a claim over joined by commas), without parsing them again.
+pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: &Claimed) -> Vec<u8> {
+    let seqs = claimed.seqs();
+    let first = seqs.iter().copied().min().unwrap_or(0);
+    let last = seqs.iter().copied().max().unwrap_or(0);
     let shell = BatchEnvelope {
         v: PAYLOAD_VERSION,
         site_id: site_id.to_owned(),
@@ -491,25 +492,21 @@ pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: 
     };
     let head = shell.encode();
     const TAIL: &[u8] = b"\"impressions\":[]}";
-    let body_len: usize = claimed.iter().map(|c| c.body.len() + 1).sum();
-    let mut out = Vec::with_capacity(head.len() + body_len + 2);
+    let bodies = claimed.joined_bodies();
     if head.ends_with(TAIL) {
+        let mut out = Vec::with_capacity(head.len() + bodies.len());
         out.extend_from_slice(&head[..head.len() - 2]);
-        for (i, c) in claimed.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(c.body.as_bytes());
-        }
+        out.extend_from_slice(bodies);
         out.extend_from_slice(b"]}");
         out
     } else {
         // Field order changed in the schema: fall back to a full serialisation.
         let mut env = shell;
-        env.impressions = claimed
-            .iter()
-            .filter_map(|c| serde_json::from_str(&c.body).ok())
-            .collect();
+        let mut array = Vec::with_capacity(bodies.len() + 2);
+        array.push(b'[');
+        array.extend_from_slice(bodies);
+        array.push(b']');
+        env.impressions = serde_json::from_slice(&array).unwrap_or_default();
         env.encode()
     }
 }
@@ -587,29 +584,25 @@ mod tests {
     #[test]
     fn spliced_envelope_decodes_as_the_schema_envelope() {
         let t = schema::parse_timestamp("2025-12-14T21:30:00Z").unwrap();
-        let claimed: Vec<Claimed> = (1..=3)
-            .map(|seq| {
-                let imp = schema::Impression {
-                    impression_id: schema::derive_impression_id("s1", "a.mp4", t + chrono::Duration::seconds(seq)),
-                    site_id: "s1".into(),
-                    seq: Some(seq),
-                    video_id: None,
-                    video_filename: "a.mp4".into(),
-                    played_at: t + chrono::Duration::seconds(seq),
-                    duration_played: 30.0,
-                    video_duration: 30.0,
-                    completed: true,
-                    event_type: schema::EventType::Match,
-                    period: schema::Period::Halftime,
-                    trigger_type: schema::TriggerType::Auto,
-                    audience_estimate: Some(10),
-                };
-                Claimed {
-                    seq,
-                    body: serde_json::to_string(&imp).unwrap(),
-                }
-            })
-            .collect();
+        let mut claimed = Claimed::default();
+        for seq in 1..=3 {
+            let imp = schema::Impression {
+                impression_id: schema::derive_impression_id("s1", "a.mp4", t + chrono::Duration::seconds(seq)),
+                site_id: "s1".into(),
+                seq: Some(seq),
+                video_id: None,
+                video_filename: "a.mp4".into(),
+                played_at: t + chrono::Duration::seconds(seq),
+                duration_played: 30.0,
+                video_duration: 30.0,
+                completed: true,
+                event_type: schema::EventType::Match,
+                period: schema::Period::Halftime,
+                trigger_type: schema::TriggerType::Auto,
+                audience_estimate: Some(10),
+            };
+            claimed.push(seq, serde_json::to_string(&imp).unwrap().as_bytes());
+        }
         let (outbox_id, batch_id) = (Uuid::now_v7(), Uuid::now_v7());
         let payload = encode_envelope("s1", outbox_id, batch_id, &claimed);
         let d = schema::decode_envelope("s1", &payload, Utc::now()).unwrap();
