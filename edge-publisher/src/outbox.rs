@@ -182,10 +182,13 @@ pub struct AppendOutcome {
 /// fleet benchmark spent a fifth of its CPU in claims, mostly copying each
 /// body out of SQLite into its own allocation (and checking it as UTF-8)
 /// only for the envelope to copy it once more (profile, 2026-12-07). The
-/// bodies are the JSON this outbox wrote itself, so they are appended as
-/// bytes. A body an operator corrupted by hand still reaches the centre,
-/// which dead-letters the envelope with its reason and answers with a
-/// receipt, rather than wedging the box on a claim that cannot be read.
+/// bodies are the JSON this outbox wrote itself (an append serialises
+/// each validated impression), so they are appended as bytes, unchecked.
+/// Only a hand edit of the file can break one; its envelope is then
+/// unreadable JSON, which the centre dead-letters without a receipt, so
+/// those rows are published again until an operator removes the row. The
+/// UTF-8 check this replaced caught only a subset of such edits, and
+/// failed the whole claim on them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Claimed {
     seqs: Vec<i64>,
