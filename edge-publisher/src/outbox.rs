@@ -1220,11 +1220,13 @@ fn storage_err<T>(msg: &str) -> Result<T, OutboxError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use schema::{EventType, Period, TriggerType};
 
-    fn imp(site: &str, k: i64) -> Impression {
+    /// A play of `a.mp4` at `site`, `k` seconds after a fixed instant (shared
+    /// with the publisher's tests).
+    pub(crate) fn imp(site: &str, k: i64) -> Impression {
         let played_at = Utc.with_ymd_and_hms(2025, 12, 14, 21, 0, 0).unwrap() + chrono::Duration::seconds(k);
         Impression {
             impression_id: schema::derive_impression_id(site, "a.mp4", played_at),

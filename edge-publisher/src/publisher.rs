@@ -579,27 +579,16 @@ async fn io_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::tests::imp;
     use crate::outbox::Claimed;
 
     #[test]
     fn spliced_envelope_decodes_as_the_schema_envelope() {
-        let t = schema::parse_timestamp("2025-12-14T21:30:00Z").unwrap();
         let mut claimed = Claimed::default();
         for seq in 1..=3 {
             let imp = schema::Impression {
-                impression_id: schema::derive_impression_id("s1", "a.mp4", t + chrono::Duration::seconds(seq)),
-                site_id: "s1".into(),
                 seq: Some(seq),
-                video_id: None,
-                video_filename: "a.mp4".into(),
-                played_at: t + chrono::Duration::seconds(seq),
-                duration_played: 30.0,
-                video_duration: 30.0,
-                completed: true,
-                event_type: schema::EventType::Match,
-                period: schema::Period::Halftime,
-                trigger_type: schema::TriggerType::Auto,
-                audience_estimate: Some(10),
+                ..imp("s1", seq)
             };
             claimed.push(seq, serde_json::to_string(&imp).unwrap().as_bytes());
         }
