@@ -84,9 +84,10 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Mosquitto's plain listener.
-        #[arg(long, default_value = "0.0.0.0:1883")]
-        listen: SocketAddr,
+        /// Mosquitto's plain listener [default: 0.0.0.0:1883; 127.0.0.1:1883
+        /// with TLS, where an address off loopback is refused].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Optional TLS listener (needs --tls-cert and --tls-key).
         #[arg(long, requires = "tls_cert")]
         tls_listen: Option<SocketAddr>,
@@ -100,6 +101,14 @@ enum Command {
         /// The ingestor's account.
         #[arg(long, default_value = "ingestor")]
         ingestor_user: String,
+        /// The account of the ingestor's receipts connection (role ingestor):
+        /// Mosquitto gives each account one session.
+        #[arg(long, default_value = mosquitto::INGESTOR_RECEIPTS_USER)]
+        ingestor_receipts_user: String,
+        /// Generate even if some Mosquitto hashes have fewer than 100000
+        /// PBKDF2 iterations (they are named in a warning).
+        #[arg(long)]
+        allow_weak_hashes: bool,
         /// Mosquitto's persistence directory.
         #[arg(long, default_value = "/var/lib/mosquitto")]
         persistence_dir: PathBuf,
@@ -160,6 +169,8 @@ fn main() -> anyhow::Result<()> {
             tls_key,
             topic_prefix,
             ingestor_user,
+            ingestor_receipts_user,
+            allow_weak_hashes,
             persistence_dir,
             max_queued_messages,
             max_inflight_messages,
@@ -174,6 +185,8 @@ fn main() -> anyhow::Result<()> {
                     .map(|(c, k)| (tls_listen.unwrap_or_else(default_tls_listen), c, k)),
                 topic_prefix,
                 ingestor_user,
+                ingestor_receipts_user,
+                allow_weak_hashes,
                 persistence_dir,
                 max_queued_messages,
                 max_inflight_messages,
@@ -181,12 +194,15 @@ fn main() -> anyhow::Result<()> {
                 log_dest,
                 ..MosquittoOptions::default()
             };
-            let conf = mosquitto::write_config(&creds, &o, &out)?;
+            let generated = mosquitto::write_config(&creds, &o, &out)?;
+            for w in &generated.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "wrote {} ({} accounts); run: mosquitto -c {}",
-                conf.display(),
+                generated.conf.display(),
                 creds.len(),
-                conf.display()
+                generated.conf.display()
             );
             Ok(())
         }
