@@ -2,8 +2,7 @@
 //!
 //! * [`settings`]: what an operator configures, and how the in-memory log is sized.
 //! * [`embedded`]: rumqttd in-process ([`EmbeddedBroker`]), for production, tests and the simulator.
-//! * [`credentials`]: the credentials file (argon2 + Mosquitto `$7$` hashes, never plaintext).
-//! * [`auth`]: CONNECT checks (password, client-id rule), reload.
+//! * [`credentials`], [`auth`]: re-exported from `runtime` (the accounts file, CONNECT checks).
 //! * [`mosquitto`]: the hosted path, a Mosquitto configuration with per-site ACLs.
 //! * [`app`]: the service (`/metrics`, `/healthz`, credentials reload).
 //! * [`bench`]: QoS 1 throughput against Mosquitto.
@@ -11,10 +10,8 @@
 //! * [`observe`]: router meters and alerts to Prometheus and logs.
 
 pub mod app;
-pub mod auth;
 pub mod backlog;
 pub mod bench;
-pub mod credentials;
 pub mod embedded;
 pub mod mosquitto;
 pub mod observe;
@@ -22,4 +19,7 @@ pub mod settings;
 pub mod tls_front;
 
 pub use embedded::EmbeddedBroker;
+/// The accounts file and its checks live in `runtime`, shared with the
+/// ingestor's HTTP endpoint.
+pub use runtime::{auth, credentials};
 pub use settings::BrokerSettings;

@@ -12,16 +12,16 @@
 //! SHA-256. The cache never leaves the process, is bound to the hash (a
 //! `passwd` change invalidates it), and a reload drops it.
 //!
-//! The file is re-read on SIGHUP (see `app.rs`) and when its modification
-//! time changes; a file that fails to parse is refused and the previous
-//! accounts stay in force.
+//! The file is re-read on SIGHUP (the broker's `app.rs`) and when its
+//! content changes: each poll hashes the file (SHA-256), so two edits within
+//! one tick of the file system's modification time are not missed. A file
+//! that fails to parse is refused and the previous accounts stay in force.
 
-use crate::credentials::{argon2_verify, client_id_allowed, Credentials};
+use crate::credentials::{argon2_verify, client_id_allowed, Credentials, Role};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
 use subtle_eq::ct_eq;
 
 /// Why a CONNECT was refused (the `reason` label of
@@ -51,7 +51,8 @@ impl AuthFailure {
 pub struct Authenticator {
     path: PathBuf,
     accounts: RwLock<Arc<Credentials>>,
-    modified: Mutex<Option<SystemTime>>,
+    /// SHA-256 of the file's bytes at the last (re)load attempt.
+    content: Mutex<Option<[u8; 32]>>,
     cache_key: [u8; 32],
     /// username → (argon2 hash checked against, SHA-256(key ‖ password)).
     cache: Mutex<HashMap<String, (String, [u8; 32])>>,
@@ -74,14 +75,14 @@ impl Authenticator {
     /// Loads `path` (must exist and parse).
     pub fn load(path: &Path) -> anyhow::Result<Arc<Self>> {
         let creds = Credentials::load(path)?;
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let content = content_hash(path);
         let mut cache_key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut cache_key);
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         let me = Arc::new(Self {
             path: path.to_owned(),
             accounts: RwLock::new(Arc::new(creds)),
-            modified: Mutex::new(modified),
+            content: Mutex::new(content),
             cache_key,
             cache: Mutex::new(HashMap::new()),
             slow_checks: tokio::sync::Semaphore::new(parallel),
@@ -110,12 +111,12 @@ impl Authenticator {
 
     /// Re-reads the file. On error the accounts in force are kept.
     pub fn reload(&self) -> anyhow::Result<usize> {
-        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let content = content_hash(&self.path);
         match Credentials::load(&self.path) {
             Ok(c) => {
                 let n = c.len();
                 *self.accounts.write().expect("accounts lock") = Arc::new(c);
-                *self.modified.lock().expect("modified lock") = modified;
+                *self.content.lock().expect("content lock") = content;
                 self.cache.lock().expect("cache lock").clear();
                 self.publish_gauge();
                 metrics::counter!("neopro_broker_credentials_reloads_total", "result" => "ok").increment(1);
@@ -123,7 +124,7 @@ impl Authenticator {
                 Ok(n)
             }
             Err(e) => {
-                *self.modified.lock().expect("modified lock") = modified;
+                *self.content.lock().expect("content lock") = content;
                 metrics::counter!("neopro_broker_credentials_reloads_total", "result" => "error").increment(1);
                 tracing::error!(file = %self.path.display(), error = format!("{e:#}"), "credentials reload refused; previous accounts stay in force");
                 Err(e)
@@ -131,11 +132,25 @@ impl Authenticator {
         }
     }
 
-    /// Reloads when the file's modification time changed since the last
-    /// (re)load. Returns whether a reload was attempted.
+    /// The role of `username`, if the account exists.
+    pub fn role(&self, username: &str) -> Option<Role> {
+        self.accounts
+            .read()
+            .expect("accounts lock")
+            .get(username)
+            .map(|e| e.role)
+    }
+
+    /// The accounts in force.
+    pub fn accounts(&self) -> Arc<Credentials> {
+        Arc::clone(&self.accounts.read().expect("accounts lock"))
+    }
+
+    /// Reloads when the file's content changed since the last (re)load.
+    /// Returns whether a reload was attempted.
     pub fn reload_if_changed(&self) -> bool {
-        let now = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        let changed = *self.modified.lock().expect("modified lock") != now;
+        let now = content_hash(&self.path);
+        let changed = *self.content.lock().expect("content lock") != now;
         if changed {
             let _ = self.reload();
         }
@@ -149,13 +164,14 @@ impl Authenticator {
         h.finalize().into()
     }
 
-    /// Decides one CONNECT. Never logs the password.
+    /// Decides one CONNECT (or one HTTP Basic request): the account's role
+    /// when the password and the client-id rule hold. Never logs the password.
     pub async fn check(
         self: Arc<Self>,
         client_id: String,
         username: String,
         password: String,
-    ) -> Result<(), AuthFailure> {
+    ) -> Result<Role, AuthFailure> {
         if username.is_empty() {
             return Err(AuthFailure::NoUsername);
         }
@@ -196,7 +212,7 @@ impl Authenticator {
         if !client_id_allowed(&username, &client_id) {
             return Err(AuthFailure::ClientId);
         }
-        Ok(())
+        Ok(entry.map_or(Role::Site, |e| e.role))
     }
 
     /// The rumqttd auth handler: logs and counts every refusal.
@@ -213,7 +229,7 @@ impl Authenticator {
                 let cid = client_id.clone();
                 let user = username.clone();
                 match me.check(client_id, username, password).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         metrics::counter!("neopro_broker_auth_success_total").increment(1);
                         tracing::debug!(client_id = %cid, username = %user, "client authenticated");
                         true
@@ -227,6 +243,11 @@ impl Authenticator {
             })
         }
     }
+}
+
+/// SHA-256 of the file's bytes, `None` when it cannot be read.
+fn content_hash(path: &Path) -> Option<[u8; 32]> {
+    std::fs::read(path).ok().map(|b| Sha256::digest(&b).into())
 }
 
 /// Constant-time comparison of two fingerprints.
@@ -249,8 +270,8 @@ mod tests {
         c.save(&f).unwrap();
         let a = Authenticator::load(&f).unwrap();
         let chk = |cid: &str, u: &str, p: &str| Arc::clone(&a).check(cid.into(), u.into(), p.into());
-        assert_eq!(chk("club-1", "club-1", "pw1").await, Ok(()));
-        assert_eq!(chk("club-1:tool", "club-1", "pw1").await, Ok(()), "cached path");
+        assert_eq!(chk("club-1", "club-1", "pw1").await, Ok(Role::Site));
+        assert_eq!(chk("club-1:tool", "club-1", "pw1").await, Ok(Role::Site), "cached path");
         assert_eq!(chk("club-1", "club-1", "nope").await, Err(AuthFailure::BadPassword));
         assert_eq!(chk("club-2", "club-1", "pw1").await, Err(AuthFailure::ClientId));
         assert_eq!(chk("club-2", "club-2", "pw1").await, Err(AuthFailure::UnknownUser));
@@ -265,10 +286,29 @@ mod tests {
             Err(AuthFailure::BadPassword),
             "cache dropped"
         );
-        assert_eq!(chk("club-2", "club-2", "pw2").await, Ok(()));
+        assert_eq!(chk("club-2", "club-2", "pw2").await, Ok(Role::Site));
+
+        // Two edits that keep the modification time (same tick, or a tool
+        // that restores it) are still seen: the content is compared.
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        c.set_password("club-3", "pw3").unwrap();
+        c.save(&f).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert!(a.reload_if_changed(), "content changed under the same mtime");
+        assert_eq!(chk("club-3", "club-3", "pw3").await, Ok(Role::Site));
+        assert!(!a.reload_if_changed(), "nothing changed since");
 
         std::fs::write(&f, "garbage line").unwrap();
         assert!(a.reload().is_err());
-        assert_eq!(chk("club-2", "club-2", "pw2").await, Ok(()), "old accounts kept");
+        assert_eq!(
+            chk("club-2", "club-2", "pw2").await,
+            Ok(Role::Site),
+            "old accounts kept"
+        );
     }
 }

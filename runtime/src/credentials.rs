@@ -5,9 +5,10 @@
 //! UTF-8 text, one account per line, `#` comments and blank lines ignored:
 //!
 //! ```text
-//! # username:argon2id-PHC-string:mosquitto-$7$-hash
-//! club-042:$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>:$7$101$<salt b64>$<hash b64>
-//! ingestor:$argon2id$v=19$...:$7$101$...
+//! # username:argon2id-PHC-string[:mosquitto-$7$-hash[:role]]
+//! club-042:$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>:$7$100000$<salt b64>$<hash b64>
+//! ingestor:$argon2id$v=19$...:$7$100000$...:ingestor
+//! debug-ops:$argon2id$v=19$...:$7$100000$...:observer
 //! ```
 //!
 //! * `username`: a site id (`A-Z a-z 0-9 _ -`, at most 64 characters; no
@@ -21,6 +22,10 @@
 //!   plaintext is never stored, so `neopro-broker passwd` computes both
 //!   hashes from the one password it is given; `mosquitto-config` copies
 //!   the second field into Mosquitto's password file.
+//! * optionally, the account's [`Role`]: `site` (the default: a line without
+//!   a role is a site, as in files written before roles existed), `ingestor`
+//!   or `observer`. The account named `ingestor` without a role keeps the
+//!   ingestor role it always had.
 //!
 //! Invariants: usernames are unique (a later line replaces an earlier one
 //! when reading; `passwd` rewrites the file without duplicates), no
@@ -44,9 +49,65 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// Mosquitto 2.0's `mosquitto_passwd` defaults (password_mosq.c).
-pub const MOSQUITTO_ITERATIONS: u32 = 101;
+/// PBKDF2 iterations of the Mosquitto hashes we write. `mosquitto_passwd`
+/// writes 101, which makes a leaked password file cheap to brute-force; we
+/// write 100,000 (Mosquitto reads the count from each hash, so any count
+/// verifies).
+pub const MOSQUITTO_ITERATIONS: u32 = 100_000;
+/// Mosquitto 2.0's `mosquitto_passwd` salt length (password_mosq.c).
 pub const MOSQUITTO_SALT_LEN: usize = 12;
+
+/// What an account may do on the broker (and on the ingestor's HTTP
+/// endpoint). The topic rules themselves are in `broker::acl`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A club's box: its own site's topics only; the username is the site id.
+    #[default]
+    Site,
+    /// The centre: every site's impressions and status, publishes receipts.
+    Ingestor,
+    /// Read-only live debugging: subscribes to anything under the prefix,
+    /// publishes nothing.
+    Observer,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Site => "site",
+            Role::Ingestor => "ingestor",
+            Role::Observer => "observer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "site" => Ok(Role::Site),
+            "ingestor" => Ok(Role::Ingestor),
+            "observer" => Ok(Role::Observer),
+            other => Err(format!("unknown role '{other}' (site, ingestor or observer)")),
+        }
+    }
+
+    /// The role of a line that names none: `site`, except for the account
+    /// named `ingestor`, which had that role before roles were written.
+    pub fn default_for(username: &str) -> Self {
+        if username == INGESTOR_USER {
+            Role::Ingestor
+        } else {
+            Role::Site
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The ingestor's conventional account name.
+pub const INGESTOR_USER: &str = "ingestor";
 
 /// One account.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +117,8 @@ pub struct Entry {
     pub argon2: String,
     /// Mosquitto `$7$` hash of the same password, when known.
     pub mosquitto: Option<String>,
+    /// What the account may do.
+    pub role: Role,
 }
 
 /// Why a credentials file or an entry is refused.
@@ -117,6 +180,10 @@ impl Credentials {
                     Some(h.to_owned())
                 }
             };
+            let role = match parts.next() {
+                None | Some("") => Role::default_for(username),
+                Some(r) => Role::parse(r).map_err(|e| err(format!("'{username}': {e}")))?,
+            };
             if parts.next().is_some() {
                 return Err(err("too many ':'-separated fields".into()));
             }
@@ -126,6 +193,7 @@ impl Credentials {
                     username: username.to_owned(),
                     argon2: argon2.to_owned(),
                     mosquitto,
+                    role,
                 },
             );
         }
@@ -151,13 +219,23 @@ impl Credentials {
 
     pub fn render(&self) -> String {
         let mut s = String::from(
-            "# neopro-broker credentials: username:argon2id-hash:mosquitto-$7$-hash\n\
-             # Managed by `neopro-broker passwd FILE USER`; never holds plaintext.\n",
+            "# neopro-broker credentials: username:argon2id-hash:mosquitto-$7$-hash[:role]\n\
+             # Managed by `neopro-broker passwd FILE USER [--role ROLE]`; never holds plaintext.\n",
         );
         for e in self.entries.values() {
             let _ = write!(s, "{}:{}", e.username, e.argon2);
-            if let Some(m) = &e.mosquitto {
-                let _ = write!(s, ":{m}");
+            let explicit_role = e.role != Role::default_for(&e.username) || e.role != Role::Site;
+            match (&e.mosquitto, explicit_role) {
+                (Some(m), false) => {
+                    let _ = write!(s, ":{m}");
+                }
+                (Some(m), true) => {
+                    let _ = write!(s, ":{m}:{}", e.role);
+                }
+                (None, true) => {
+                    let _ = write!(s, "::{}", e.role);
+                }
+                (None, false) => {}
             }
             s.push('\n');
         }
@@ -212,9 +290,19 @@ impl Credentials {
         self.entries.is_empty()
     }
 
-    /// Adds or replaces `username`'s password (both hashes). Returns whether
-    /// the account existed.
+    /// Adds or replaces `username`'s password (both hashes), keeping its
+    /// role (a new account gets [`Role::default_for`]). Returns whether the
+    /// account existed.
     pub fn set_password(&mut self, username: &str, password: &str) -> anyhow::Result<bool> {
+        let role = self
+            .entries
+            .get(username)
+            .map_or_else(|| Role::default_for(username), |e| e.role);
+        self.set_password_with_role(username, password, role)
+    }
+
+    /// Adds or replaces `username`'s password and sets its role.
+    pub fn set_password_with_role(&mut self, username: &str, password: &str, role: Role) -> anyhow::Result<bool> {
         validate_username(username)?;
         anyhow::ensure!(!password.is_empty(), "empty password refused");
         anyhow::ensure!(
@@ -225,6 +313,7 @@ impl Credentials {
             username: username.to_owned(),
             argon2: argon2_hash(password)?,
             mosquitto: Some(mosquitto_hash(password)),
+            role,
         };
         Ok(self.entries.insert(username.to_owned(), entry).is_some())
     }
@@ -253,7 +342,8 @@ pub fn argon2_verify(hash: &str, password: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Mosquitto 2.0's `$7$` hash with a fresh 12-byte salt and 101 iterations.
+/// Mosquitto 2.0's `$7$` hash with a fresh 12-byte salt and
+/// [`MOSQUITTO_ITERATIONS`] iterations.
 pub fn mosquitto_hash(password: &str) -> String {
     let mut salt = [0u8; MOSQUITTO_SALT_LEN];
     rand::rng().fill_bytes(&mut salt);
@@ -324,6 +414,33 @@ mod tests {
             *e.mosquitto.as_ref().unwrap()
         );
         assert_ne!(mosquitto_hash_with("pw-one", &salt, it).as_bytes()[..], hash[..]);
+    }
+
+    #[test]
+    fn roles_default_to_site_and_round_trip() {
+        let h = argon2_hash("pw").unwrap();
+        let text = format!("club-1:{h}\ningestor:{h}\nops:{h}::observer\ncentre-2:{h}::ingestor\nclub-2:{h}::site\n");
+        let c = Credentials::parse(&text).unwrap();
+        let role = |u: &str| c.get(u).unwrap().role;
+        assert_eq!(role("club-1"), Role::Site, "a line without a role is a site");
+        assert_eq!(role("ingestor"), Role::Ingestor, "the ingestor account keeps its role");
+        assert_eq!(role("ops"), Role::Observer);
+        assert_eq!(role("centre-2"), Role::Ingestor);
+        assert_eq!(role("club-2"), Role::Site);
+        assert_eq!(Credentials::parse(&c.render()).unwrap(), c);
+        assert!(Credentials::parse(&format!("x:{h}::admin")).is_err());
+        let mut c = c;
+        c.set_password("ops", "new").unwrap();
+        assert_eq!(
+            c.get("ops").unwrap().role,
+            Role::Observer,
+            "a password change keeps the role"
+        );
+        c.set_password_with_role("club-1", "pw", Role::Observer).unwrap();
+        assert_eq!(
+            Credentials::parse(&c.render()).unwrap().get("club-1").unwrap().role,
+            Role::Observer
+        );
     }
 
     #[test]

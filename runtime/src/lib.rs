@@ -14,9 +14,14 @@
 //! * [`mqtt`]: `mqtt://user:pass@host:port` / `mqtts://` URLs to rumqttc options,
 //!   with our packet-size limits; passwords never printed.
 //! * [`http`]: the Prometheus recorder and an axum server bound to a listener.
+//! * [`credentials`]: the accounts file shared by the broker and the
+//!   ingestor's HTTP endpoint (argon2 + Mosquitto `$7$` hashes, roles).
+//! * [`auth`]: checking a username/password against it (cached), reload.
 //! * [`db`] (feature `db`): PostgreSQL pool, create-if-missing, the embedded
 //!   migrations, and transient-vs-permanent error classification.
 
+pub mod auth;
+pub mod credentials;
 #[cfg(feature = "db")]
 pub mod db;
 pub mod http;
