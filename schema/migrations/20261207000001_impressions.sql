@@ -1,13 +1,15 @@
--- NeoPro impressions: raw plays, dead letters, the sponsor catalogue.
+-- Impressions: the raw plays, their monthly partitions and retention, the
+-- dead letters of everything refused, the known sites, and the sequence gaps
+-- that tell what the centre has not received.
 --
--- Invariants (the ingestor is the only writer of sponsor_impressions,
--- sponsor_daily_stats and impressions_rejected):
+-- Invariants (the ingestor is the only writer of sponsor_impressions and
+-- impressions_rejected):
 --   * one row per (site_id, impression_id, played_at): replays are absorbed by
 --     the primary key with ON CONFLICT DO NOTHING;
---   * sponsor_daily_stats equals the aggregate of sponsor_impressions at every
---     commit (incremented in the same transaction, only by rows really new);
 --   * nothing is dropped silently: a refused message or row is kept in
---     impressions_rejected with its raw bytes and reason.
+--     impressions_rejected with its raw bytes and reason;
+--   * every seq a box numbered is either in sponsor_impressions, in
+--     impressions_rejected, or reported by site_seq_gaps().
 
 CREATE TABLE sites (
     site_id       text PRIMARY KEY CHECK (site_id ~ '^[A-Za-z0-9_-]{1,64}$'),
@@ -15,46 +17,6 @@ CREATE TABLE sites (
     created_at    timestamptz NOT NULL DEFAULT now(),
     last_seen_at  timestamptz
 );
-
-CREATE TABLE sponsors (
-    id          text PRIMARY KEY CHECK (id ~ '^[A-Za-z0-9_.-]{1,64}$'),
-    name        text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-
--- Video ↔ sponsor association. A rule is either an explicit video_id or a
--- filename glob (`*` any run, `?` one character; the seed matches by filename).
--- filename_like is the glob as a LIKE pattern, with LIKE's own `%`, `_` and `\`
--- escaped, so `sponsor_coca_cola_*` does not treat its underscores as wildcards.
-CREATE TABLE videos (
-    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    sponsor_id        text NOT NULL REFERENCES sponsors (id) ON DELETE CASCADE,
-    video_id          text UNIQUE CHECK (length(video_id) BETWEEN 1 AND 128),
-    filename_pattern  text UNIQUE CHECK (length(filename_pattern) BETWEEN 1 AND 255),
-    filename_like     text GENERATED ALWAYS AS (
-        replace(replace(
-            replace(replace(replace(filename_pattern, '\', '\\'), '%', '\%'), '_', '\_'),
-        '*', '%'), '?', '_')
-    ) STORED,
-    title             text,
-    created_at        timestamptz NOT NULL DEFAULT now(),
-    CHECK (num_nonnulls(video_id, filename_pattern) = 1)
-);
-CREATE INDEX videos_sponsor_idx ON videos (sponsor_id);
-
--- Which sponsor a play belongs to, under the current catalogue: an explicit
--- video_id wins; otherwise the most specific (longest) matching filename rule.
--- Stats join through this at read time, so changing a rule re-attributes the
--- past too.
-CREATE FUNCTION sponsor_of(p_video_id text, p_filename text) RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT v.sponsor_id
-    FROM videos v
-    WHERE (v.video_id IS NOT NULL AND v.video_id = p_video_id)
-       OR (v.filename_like IS NOT NULL AND p_filename LIKE v.filename_like)
-    ORDER BY (v.video_id IS NOT NULL) DESC, length(v.filename_pattern) DESC, v.id
-    LIMIT 1
-$$;
 
 -- Raw plays, range-partitioned by month on played_at.
 -- The unique key covers (site_id, impression_id, played_at); its column order
@@ -165,3 +127,28 @@ CREATE TABLE impressions_rejected (
 );
 CREATE INDEX impressions_rejected_received_idx ON impressions_rejected (received_at);
 CREATE INDEX impressions_rejected_site_idx ON impressions_rejected (site_id, received_at);
+
+-- Gap detection on the edge's per-site sequence numbers.
+--
+-- Each edge numbers its impressions 1, 2, 3… in outbox order. A seq that is
+-- neither in sponsor_impressions nor in impressions_rejected is an
+-- impression the centre has not received (yet): still in the box's outbox,
+-- or lost upstream of the edge. Seqs restart at 1 if a box's outbox is
+-- re-created (new outbox_id); look at played_at to tell epochs apart.
+CREATE FUNCTION site_seq_gaps(p_site_id text, p_since timestamptz DEFAULT '-infinity')
+RETURNS TABLE (first_missing bigint, last_missing bigint, missing bigint)
+LANGUAGE sql STABLE AS $$
+    WITH seen AS (
+        SELECT seq FROM sponsor_impressions
+        WHERE site_id = p_site_id AND seq IS NOT NULL AND played_at >= p_since
+        UNION
+        SELECT seq FROM impressions_rejected
+        WHERE site_id = p_site_id AND seq IS NOT NULL AND received_at >= p_since
+    ), ordered AS (
+        SELECT seq, lead(seq) OVER (ORDER BY seq) AS next_seq FROM seen
+    )
+    SELECT seq + 1, next_seq - 1, next_seq - seq - 1
+    FROM ordered
+    WHERE next_seq > seq + 1
+    ORDER BY seq
+$$;
