@@ -1,7 +1,59 @@
 //! The migrations against a real PostgreSQL: each test gets a fresh database
 //! (`#[sqlx::test]`), migrated with the same embedded migrator production uses.
+//! And the migration files themselves: the baseline is pinned, so a change of
+//! the schema is a new migration added after it, never an edit of one applied.
 
 use sqlx::{PgPool, Row};
+
+/// The migration files, in order, with the SHA-384 of their SQL (the checksum
+/// sqlx records when it applies one, and refuses to run against if the file
+/// changed). A new migration adds a line here; a baseline line never changes.
+const MIGRATIONS: [(&str, &str); 4] = [
+    (
+        "20261207000001_impressions.sql",
+        "bd65f38fa841ae2c3306efdc52d2afbc3e88a1f7afab53a36518c99b3762eb43d416af9749ca547e771afafed5df9443",
+    ),
+    (
+        "20261207000002_catalogue.sql",
+        "fc77ec1a6265e1132b8af25f24989417a870e39a9333125f9422d58bc2b05917a5fe78a8a5308d664dbf7f8a3e935455",
+    ),
+    (
+        "20261207000003_daily_rollup.sql",
+        "737f61233718bba7633a716964f618fef6460163076699d5435a1197c5b1dd5160bcf7bb699e8f2c1e8219e8fdb6b700",
+    ),
+    (
+        "20261207000004_sponsor_rollups.sql",
+        "af58aaf9ea13c9522e3c292895b7419a7274b68e49269d56c6cf6c37608badda5a270196a252a8bc455cfdfe7d17c4fc",
+    ),
+];
+
+#[test]
+fn the_migration_files_are_exactly_the_baseline() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/migrations");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    on_disk.sort();
+    let expected: Vec<String> = MIGRATIONS.iter().map(|(name, _)| name.to_string()).collect();
+    assert_eq!(on_disk, expected, "the files of {}", dir.display());
+
+    let embedded: Vec<(String, String)> = runtime::db::MIGRATOR
+        .iter()
+        .map(|m| {
+            let sum: String = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
+            (format!("{}_{}.sql", m.version, m.description.replace(' ', "_")), sum)
+        })
+        .collect();
+    let pinned: Vec<(String, String)> = MIGRATIONS
+        .iter()
+        .map(|(name, sum)| (name.to_string(), sum.to_string()))
+        .collect();
+    assert_eq!(
+        embedded, pinned,
+        "an applied migration is never edited: change the schema with a new file after these"
+    );
+}
 
 const INSERT: &str = "INSERT INTO sponsor_impressions
     (impression_id, site_id, seq, video_id, video_filename, played_at, duration_played, video_duration,
@@ -52,6 +104,14 @@ async fn tables_partitions_functions_and_view_exist(pool: PgPool) {
         "sponsor_daily_stats",
         "sponsor_daily_pending",
         "sponsor_analytics_summary",
+        "video_attribution",
+        "sponsor_stats_daily",
+        "sponsor_video_daily",
+        "sponsor_site_monthly",
+        "sponsor_site_weekly",
+        "sponsor_site_daily",
+        "sponsor_site_daily_detail",
+        "sponsor_rollup_pending",
     ] {
         let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
             .bind(rel)
@@ -66,7 +126,12 @@ async fn tables_partitions_functions_and_view_exist(pool: PgPool) {
         "calculate_sponsor_daily_stats",
         "sponsor_daily_fold",
         "sponsor_rollups_fold",
+        "sponsor_rollups_fold_sponsors",
+        "sponsor_rollups_rebuild",
+        "sponsor_rollups_recompute",
         "sponsor_of",
+        "lock_rollup_days_shared",
+        "site_seq_gaps",
     ] {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_proc WHERE proname = $1")
             .bind(f)
@@ -88,6 +153,13 @@ async fn tables_partitions_functions_and_view_exist(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(pk, "PRIMARY KEY (site_id, played_at, impression_id)");
+    // The SQL generators the sponsor rollups' migration writes its functions
+    // with are temporary: none is left in the database.
+    let generators: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_proc WHERE proname LIKE 'sponsor\\_%\\_sql'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(generators, 0);
 }
 
 #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
@@ -364,7 +436,7 @@ async fn summary_impressions(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
-/// Migration `20261206000010`: the daily rollup's queue. At every commit the
+/// The daily rollup's queue (`…_daily_rollup.sql`). At every commit the
 /// rollup plus the queue equals the raw rows; a fold moves the queue into the
 /// rollup (merging the deltas of one key); a recompute of a day drops that
 /// day's queued rows (the raw rows already hold them) and leaves other days'
