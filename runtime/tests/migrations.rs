@@ -15,7 +15,7 @@ const MIGRATIONS: [(&str, &str); 4] = [
     ),
     (
         "20261207000002_catalogue.sql",
-        "fc77ec1a6265e1132b8af25f24989417a870e39a9333125f9422d58bc2b05917a5fe78a8a5308d664dbf7f8a3e935455",
+        "51072a2843725e650d5f4fff56c20d75b9f96adedac4c56cb4703320081efc8b696e12e0cafe586dcb9324c80862cc12",
     ),
     (
         "20261207000003_daily_rollup.sql",

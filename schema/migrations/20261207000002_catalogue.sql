@@ -2,11 +2,12 @@
 -- and sponsor_of(), the one definition of which sponsor a play belongs to.
 --
 -- Attribution always follows the current catalogue: changing a rule changes
--- the figures of past plays too. The seed's summary view calls sponsor_of()
--- at read time; the per-sponsor rollups store its answer (video_attribution)
--- and a trigger on videos re-attributes past plays in the transaction of every
--- catalogue change, whoever makes it (API, CSV/TOML import, psql): both are in
--- the rollup migrations that follow, since they move rollup rows.
+-- the figures of past plays too. The seed's summary view (…_daily_rollup.sql)
+-- calls sponsor_of() at read time; the per-sponsor rollups
+-- (…_sponsor_rollups.sql) store its answer in video_attribution, and a trigger
+-- on videos re-attributes past plays in the transaction of every catalogue
+-- change, whoever makes it (API, CSV/TOML import, psql). Both are defined with
+-- the rollups they read and move.
 
 CREATE TABLE sponsors (
     id          text PRIMARY KEY CHECK (id ~ '^[A-Za-z0-9_.-]{1,64}$'),
