@@ -89,33 +89,18 @@ pub fn status(settings: &Settings) -> anyhow::Result<serde_json::Value> {
     }
     let conn = outbox::open_connection(&path, 256)?;
     let fs = outbox::file_stats(&conn)?;
-    let ts = |t: Option<chrono::DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true));
-    let age = fs
-        .oldest_unconfirmed_enqueued_at
-        .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
-    let fill = (fs.unconfirmed as f64 / settings.outbox_max_rows.max(1) as f64)
-        .max(fs.bytes as f64 / settings.outbox_max_bytes.max(1) as f64);
-    Ok(serde_json::json!({
-        "path": path.display().to_string(),
-        "siteId": fs.site_id,
-        "outboxId": fs.outbox_id,
-        "count": fs.unconfirmed,
-        "oldestImpression": ts(fs.oldest_played_at),
-        "newestImpression": ts(fs.newest_played_at),
-        "unconfirmed": fs.unconfirmed,
-        // In-flight rows live in the service's memory: from the file alone
-        // every unconfirmed row counts as unsent.
-        "unsent": fs.unsent,
-        "published": fs.published,
-        "bytes": fs.bytes,
-        "oldestUnconfirmedAgeSeconds": age,
-        "lastReceiptAt": ts(fs.last_receipt_at),
-        "refusedKept": fs.refused_kept,
-        "nextSeq": fs.next_seq,
-        "fillRatio": fill,
-        "nearFull": fill >= settings.outbox_warn_ratio,
-        "broker": "unknown from the file alone (see GET /api/sync/sponsor-impressions/stats on the running service)",
-    }))
+    let mut v = crate::http::outbox_stats(&fs, &settings.outbox_config());
+    v.insert("path".into(), path.display().to_string().into());
+    // The operator's, on the box: what the unauthenticated endpoint hides.
+    v.insert("outboxId".into(), fs.outbox_id.to_string().into());
+    v.insert("nextSeq".into(), fs.next_seq.into());
+    // In-flight rows live in the service's memory: from the file alone
+    // every unconfirmed row counts as unsent.
+    v.insert(
+        "broker".into(),
+        "unknown from the file alone (see GET /api/sync/sponsor-impressions/stats on the running service)".into(),
+    );
+    Ok(serde_json::Value::Object(v))
 }
 
 /// Export formats.

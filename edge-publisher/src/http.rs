@@ -15,8 +15,16 @@
 //! * `GET /api/sync/sponsor-impressions/stats`: the seed's
 //!   `{"count","oldestImpression","newestImpression"}` plus what an operator
 //!   needs (unsent vs unconfirmed, oldest unconfirmed age, last receipt,
-//!   broker connection, limits).
+//!   broker connection, limits). Unauthenticated, like the seed's, so it
+//!   says nothing that helps forge a receipt: no outbox id, no next seq
+//!   (`neopro-edge status` on the box has them). [`outbox_stats`] builds
+//!   the part it shares with `status`.
 //! * `/healthz`, `/metrics` from `runtime::http::base_routes`.
+//!
+//! CORS: only the configured origins (`cors_origins`, by default the box's
+//! own pages, `http://localhost:*` and `http://neopro.local:*`) get
+//! `Access-Control-Allow-Origin`, so a page of another site opened in the
+//! TV's browser cannot post plays or read the stats.
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -29,8 +37,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use schema::{BodyShape, FieldError};
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Duration;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::outbox::{Outbox, OutboxError, RefusedRecord};
+use crate::outbox::{FileStats, Outbox, OutboxConfig, OutboxError, RefusedRecord};
 use crate::publisher::{clock_synced, BrokerHealth};
 
 /// What the handlers share.
@@ -41,15 +51,76 @@ pub struct HttpState {
     pub mqtt_url: String,
 }
 
-/// The router (without a listener; `App` serves it).
-pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
+/// The router (without a listener; `App` serves it). `cors_origins` as in
+/// [`crate::Settings::cors_origins`] (checked by `Settings::validate`;
+/// an entry that does not parse allows nothing).
+pub fn router(state: HttpState, max_body_bytes: usize, cors_origins: &[String]) -> Router {
     Router::new()
         .route("/api/sync/sponsor-impressions", post(post_impressions))
         .route("/api/sync/sponsor-impressions/stats", get(stats))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(tower_http::cors::CorsLayer::permissive())
+        .layer(cors(cors_origins))
         .with_state(state)
         .merge(runtime::http::base_routes())
+}
+
+/// An allowed browser origin: `scheme://host[:port]` exactly, or
+/// `scheme://host:*` for that scheme and host on any port (or none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OriginPattern {
+    Exact(String),
+    AnyPort(String),
+}
+
+impl OriginPattern {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim().trim_end_matches('/').to_ascii_lowercase();
+        let (base, any_port) = match t.strip_suffix(":*") {
+            Some(b) => (b.to_owned(), true),
+            None => (t.clone(), false),
+        };
+        let rest = base
+            .strip_prefix("http://")
+            .or_else(|| base.strip_prefix("https://"))
+            .ok_or_else(|| format!("'{s}': an origin is http://host[:port] or https://host[:port] (port may be *)"))?;
+        if rest.is_empty() || rest.contains(['/', '*', '?', '#', '@']) {
+            return Err(format!(
+                "'{s}': an origin is scheme://host[:port], without path or wildcard host"
+            ));
+        }
+        Ok(if any_port {
+            OriginPattern::AnyPort(base)
+        } else {
+            OriginPattern::Exact(base)
+        })
+    }
+
+    pub fn matches(&self, origin: &str) -> bool {
+        let origin = origin.to_ascii_lowercase();
+        match self {
+            OriginPattern::Exact(e) => origin == *e,
+            OriginPattern::AnyPort(base) => {
+                origin == *base
+                    || origin
+                        .strip_prefix(base.as_str())
+                        .and_then(|r| r.strip_prefix(':'))
+                        .is_some_and(|port| {
+                            !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+                        })
+            }
+        }
+    }
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let patterns: Vec<OriginPattern> = origins.iter().filter_map(|o| OriginPattern::parse(o).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            origin.to_str().is_ok_and(|o| patterns.iter().any(|p| p.matches(o)))
+        }))
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers(AllowHeaders::mirror_request())
+        .max_age(Duration::from_secs(600))
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> Value {
@@ -178,18 +249,15 @@ async fn keep_refused(outbox: &Outbox, bytes: &[u8], errors: &[FieldError]) {
     }
 }
 
-async fn stats(State(st): State<HttpState>) -> Response {
-    let fs = match st.outbox.stats().await {
-        Ok(s) => s,
-        Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), json!({})),
-    };
-    let cfg = st.outbox.config();
+/// The outbox part of the stats, shared by the HTTP endpoint and
+/// `neopro-edge status`: the seed's three keys first (`count` = impressions
+/// not yet confirmed by the centre), then the operator's.
+pub fn outbox_stats(fs: &FileStats, cfg: &OutboxConfig) -> serde_json::Map<String, Value> {
     let age = fs
         .oldest_unconfirmed_enqueued_at
         .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
-    let broker = st.health.snapshot(st.mqtt_url.clone());
-    let last_receipt = broker.last_receipt_at.or(fs.last_receipt_at);
-    Json(json!({
+    let fill = (fs.unconfirmed as f64 / cfg.max_rows.max(1) as f64).max(fs.bytes as f64 / cfg.max_bytes.max(1) as f64);
+    let Value::Object(m) = json!({
         "count": fs.unconfirmed,
         "oldestImpression": ts(fs.oldest_played_at),
         "newestImpression": ts(fs.newest_played_at),
@@ -199,17 +267,51 @@ async fn stats(State(st): State<HttpState>) -> Response {
         "bytes": fs.bytes,
         "oldestUnconfirmedAgeSeconds": age,
         "oldestUnconfirmedEnqueuedAt": ts(fs.oldest_unconfirmed_enqueued_at),
-        "lastReceiptAt": ts(last_receipt),
-        "broker": broker,
+        "lastReceiptAt": ts(fs.last_receipt_at),
         "limits": {"maxRows": cfg.max_rows, "maxBytes": cfg.max_bytes, "warnRatio": cfg.warn_ratio},
-        "fillRatio": st.outbox.fill_ratio(),
-        "nearFull": st.outbox.near_full(),
+        "fillRatio": fill,
+        "nearFull": fill >= cfg.warn_ratio,
         "refusedKept": fs.refused_kept,
-        "nextSeq": fs.next_seq,
         "siteId": fs.site_id,
-        "outboxId": fs.outbox_id,
-        "clockSynced": clock_synced(),
-        "version": crate::VERSION,
-    }))
-    .into_response()
+    }) else {
+        unreachable!("a JSON object literal")
+    };
+    m
+}
+
+async fn stats(State(st): State<HttpState>) -> Response {
+    let fs = match st.outbox.stats().await {
+        Ok(s) => s,
+        Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), json!({})),
+    };
+    let mut body = outbox_stats(&fs, st.outbox.config());
+    let broker = st.health.snapshot(st.mqtt_url.clone());
+    if let Some(t) = broker.last_receipt_at {
+        body.insert("lastReceiptAt".into(), ts(Some(t)));
+    }
+    body.insert("broker".into(), json!(broker));
+    body.insert("clockSynced".into(), json!(clock_synced()));
+    body.insert("version".into(), json!(crate::VERSION));
+    Json(Value::Object(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OriginPattern;
+
+    #[test]
+    fn origin_patterns_match_exactly_or_any_port() {
+        let any = OriginPattern::parse("http://neopro.local:*").unwrap();
+        assert!(any.matches("http://neopro.local:4200"));
+        assert!(any.matches("http://NEOPRO.local"));
+        assert!(!any.matches("http://neopro.local.evil.example"));
+        assert!(!any.matches("http://neopro.local:42x"));
+        assert!(!any.matches("https://neopro.local:4200"));
+        let exact = OriginPattern::parse("https://tv.example:8443/").unwrap();
+        assert!(exact.matches("https://tv.example:8443"));
+        assert!(!exact.matches("https://tv.example"));
+        assert!(OriginPattern::parse("*").is_err());
+        assert!(OriginPattern::parse("http://*.example").is_err());
+        assert!(OriginPattern::parse("neopro.local").is_err());
+    }
 }

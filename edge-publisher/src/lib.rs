@@ -139,7 +139,7 @@ impl App {
                 health: health.clone(),
                 mqtt_url: settings.mqtt_url.to_string(),
             };
-            let router = http::router(state, settings.max_body_bytes);
+            let router = http::router(state, settings.max_body_bytes, &settings.cors_origins);
             tokio::spawn(runtime::http::serve(l, router, shutdown.clone()))
         });
         tracing::info!(site_id = %settings.site_id, broker = %settings.mqtt_url, prefix = %settings.topic_prefix, "edge running");

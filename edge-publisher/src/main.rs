@@ -31,6 +31,11 @@ struct Cli {
     /// MQTT topic prefix (default neopro).
     #[arg(long, global = true, env = "NEOPRO_TOPIC_PREFIX")]
     topic_prefix: Option<String>,
+    /// Origins allowed to call the HTTP API from a browser, comma-separated:
+    /// scheme://host[:port], or scheme://host:* for any port
+    /// (default http://localhost:*,http://neopro.local:*).
+    #[arg(long, global = true, env = "NEOPRO_EDGE_CORS_ORIGINS")]
+    cors_origins: Option<String>,
     /// Log format: human or json.
     #[arg(long, global = true, env = "NEOPRO_LOG_FORMAT")]
     log_format: Option<String>,
@@ -77,6 +82,7 @@ fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
             ("data_dir", data_dir),
             ("http_addr", cli.http_addr.clone()),
             ("topic_prefix", cli.topic_prefix.clone()),
+            ("cors_origins", cli.cors_origins.clone()),
             ("log_format", cli.log_format.clone()),
         ],
     )

@@ -225,6 +225,21 @@ impl Claimed {
     }
 }
 
+/// What a receipt did to the batch it names ([`Outbox::settle_batch`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// The batch was in flight: claimed by this process, and neither
+    /// settled nor requeued since. When false nothing was done.
+    pub known_batch: bool,
+    /// Rows deleted: the seqs proposed that lie in the batch's runs.
+    pub settled: u64,
+    /// Some proposed seqs lay outside the batch's runs (those were ignored).
+    pub outside: bool,
+    /// Rows of the batch the receipt did not name: still in flight, so the
+    /// receipt timeout publishes them again.
+    pub remaining: u64,
+}
+
 /// A record the HTTP endpoint refused, kept for the operator.
 #[derive(Clone, Debug)]
 pub struct RefusedRecord {
@@ -232,12 +247,14 @@ pub struct RefusedRecord {
     pub reason: String,
 }
 
-/// Counters kept in memory (exact: only the writer thread changes the file).
+/// Counters kept in memory by the writer thread: exact after each of its
+/// commands, since every group begins by recounting from the file when
+/// another process committed to it (module doc, "Other writers").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
-    /// Rows not yet confirmed by a receipt (pending + published).
+    /// Rows not yet confirmed by a receipt (pending + in flight).
     pub unconfirmed: u64,
-    /// Of those, not currently published (never sent, or to be resent).
+    /// Of those, not currently in flight (never sent, or to be resent).
     pub unsent: u64,
     /// Total size of the stored impression JSON, in UTF-8 bytes (what
     /// `max_bytes` limits; SQLite's `octet_length`, not `length`, which
@@ -271,7 +288,12 @@ enum Cmd {
         reply: oneshot::Sender<Result<Claimed, OutboxError>>,
     },
     Requeue(Option<Uuid>, oneshot::Sender<Result<u64, OutboxError>>),
-    Settle(Vec<SeqRange>, oneshot::Sender<Result<u64, OutboxError>>),
+    SettleBatch {
+        batch_id: Uuid,
+        proposed: Vec<SeqRange>,
+        reply: oneshot::Sender<Result<Settled, OutboxError>>,
+    },
+    Refresh(oneshot::Sender<Result<bool, OutboxError>>),
     Refused(Vec<RefusedRecord>, oneshot::Sender<Result<u64, OutboxError>>),
     Stats(oneshot::Sender<Result<FileStats, OutboxError>>),
     Close(oneshot::Sender<()>),
@@ -321,15 +343,12 @@ pub fn open_connection(path: &Path, cache_kib: u32) -> Result<Connection, Outbox
              impression_id BLOB NOT NULL UNIQUE,
              played_at     INTEGER NOT NULL,
              enqueued_at   INTEGER NOT NULL,
-             state         TEXT NOT NULL CHECK (state IN ('pending', 'published')),
+             state         TEXT NOT NULL CHECK (state = 'pending'),
              batch_id      BLOB,
              published_at  INTEGER,
              attempts      INTEGER NOT NULL DEFAULT 0,
              body          TEXT NOT NULL);
          CREATE INDEX IF NOT EXISTS outbox_played_at ON outbox (played_at);
-         -- Claims no longer rewrite rows, so this index of builds before
-         -- 2026-12-02 only costs writes (an older build re-creates it).
-         DROP INDEX IF EXISTS outbox_pending;
          CREATE TABLE IF NOT EXISTS refused (
              id          INTEGER PRIMARY KEY,
              received_at INTEGER NOT NULL,
@@ -415,25 +434,29 @@ fn millis_to_time(ms: i64) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(ms).single()
 }
 
-/// Rows, pending rows and stored bytes (UTF-8: `octet_length`, what
-/// `max_bytes` limits), counted from the file itself.
-fn read_counts(conn: &Connection) -> rusqlite::Result<(i64, i64, i64)> {
-    conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(octet_length(body)), 0) FROM outbox",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
+/// Rows and stored bytes (UTF-8: `octet_length`, what `max_bytes` limits),
+/// counted from the file itself.
+fn read_counts(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.prepare_cached("SELECT COUNT(*), COALESCE(SUM(octet_length(body)), 0) FROM outbox")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// SQLite's `PRAGMA data_version`: changes when *another* connection
+/// commits to the file, never for this connection's own commits.
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))
 }
 
 /// Reads statistics from an open connection (used by the writer thread and by
 /// `neopro-edge status`, which opens the file itself while the service may run).
+/// From the file alone nothing is in flight: every row counts as unsent.
 pub fn file_stats(conn: &Connection) -> Result<FileStats, OutboxError> {
-    let (unconfirmed, unsent, bytes): (i64, i64, i64) = read_counts(conn)?;
+    let (unconfirmed, bytes) = read_counts(conn)?;
     stats_with_counts(
         conn,
         Counts {
             unconfirmed: unconfirmed as u64,
-            unsent: unsent as u64,
+            unsent: unconfirmed as u64,
             bytes: bytes as u64,
         },
     )
@@ -499,18 +522,34 @@ pub fn export_rows(conn: &Connection, mut f: impl FnMut(ExportRow) -> anyhow::Re
 }
 
 impl Outbox {
-    /// Opens the outbox of `site_id` in `cfg.data_dir` (created if missing),
-    /// puts every published row back to pending, and starts the writer thread.
+    /// Opens the outbox of `site_id` in `cfg.data_dir` (created if missing)
+    /// and starts the writer thread. Every row starts pending (in-flight
+    /// state lives in the writer's memory). Another process may hold the
+    /// same file open and append to it (module doc, "Other writers").
     pub fn open(cfg: OutboxConfig, site_id: &str) -> Result<Outbox, OutboxError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| OutboxError::Storage(format!("creating {}: {e}", cfg.data_dir.display())))?;
         let conn = open_connection(&cfg.path(), cfg.cache_kib)?;
-        let (site, outbox_id) = identity(&conn, Some(site_id))?;
-        let requeued = conn.execute("UPDATE outbox SET state = 'pending' WHERE state = 'published'", [])?;
-        let (rows, unsent, bytes): (i64, i64, i64) = read_counts(&conn)?;
-        let next = next_seq(&conn)?;
+        // One transaction: two processes creating the file at once agree on
+        // its identity, and the counts go with the data version they read.
+        exec_cached(&conn, "BEGIN IMMEDIATE")?;
+        let opened = (|| -> Result<_, OutboxError> {
+            let (site, outbox_id) = identity(&conn, Some(site_id))?;
+            let (rows, bytes) = read_counts(&conn)?;
+            Ok((site, outbox_id, rows, bytes, data_version(&conn)?, next_seq(&conn)?))
+        })();
+        let (site, outbox_id, rows, bytes, version, next) = match opened.and_then(|o| {
+            exec_cached(&conn, "COMMIT")?;
+            Ok(o)
+        }) {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
         tracing::info!(
-            path = %cfg.path().display(), site_id = %site, %outbox_id, unconfirmed = rows, requeued, next_seq = next,
+            path = %cfg.path().display(), site_id = %site, %outbox_id, unconfirmed = rows, next_seq = next,
             "outbox open"
         );
         let (tx, rx) = mpsc::unbounded_channel();
@@ -519,7 +558,7 @@ impl Outbox {
             outbox_id,
             cfg,
             unconfirmed: AtomicU64::new(rows as u64),
-            unsent: AtomicU64::new(unsent as u64),
+            unsent: AtomicU64::new(rows as u64),
             bytes: AtomicU64::new(bytes as u64),
             near_full: AtomicBool::new(false),
             pending: Notify::new(),
@@ -527,9 +566,11 @@ impl Outbox {
         let writer = Writer {
             conn,
             shared: shared.clone(),
-            next_seq: next,
+            next_seq: None,
             synced: true,
             inflight: BTreeMap::new(),
+            data_version: version,
+            external_seen: false,
         };
         writer.publish_gauges();
         std::thread::Builder::new()
@@ -621,9 +662,29 @@ impl Outbox {
         self.call(|tx| Cmd::Requeue(batch_id, tx)).await
     }
 
-    /// Deletes the rows whose seqs a receipt settles; returns how many existed.
-    pub async fn settle(&self, ranges: Vec<SeqRange>) -> Result<u64, OutboxError> {
-        self.call(|tx| Cmd::Settle(ranges, tx)).await
+    /// Applies a receipt for `batch_id`: deletes the rows whose seqs it
+    /// proposes *and* that are in flight in that batch (claimed by this
+    /// process under `batch_id`, neither settled nor requeued since).
+    /// Anything else it names is ignored and reported in [`Settled`]; a
+    /// batch that is not in flight settles nothing. So whatever arrives on
+    /// the network, a receipt can only remove rows this outbox published
+    /// in the batch it answers.
+    pub async fn settle_batch(&self, batch_id: Uuid, proposed: Vec<SeqRange>) -> Result<Settled, OutboxError> {
+        self.call(|reply| Cmd::SettleBatch {
+            batch_id,
+            proposed,
+            reply,
+        })
+        .await
+    }
+
+    /// Looks for commits another process made to the file (an `import`
+    /// while the service runs): when there are, recounts the counters from
+    /// the file and wakes [`Outbox::pending_notified`] if rows are pending.
+    /// Cheap when nothing changed (one `PRAGMA data_version`). Returns
+    /// whether another process committed since the last call.
+    pub async fn refresh(&self) -> Result<bool, OutboxError> {
+        self.call(Cmd::Refresh).await
     }
 
     /// Keeps refused records for the operator.
@@ -671,6 +732,10 @@ enum Reply {
         Result<Claimed, OutboxError>,
     ),
     Count(oneshot::Sender<Result<u64, OutboxError>>, Result<u64, OutboxError>),
+    Settled(
+        oneshot::Sender<Result<Settled, OutboxError>>,
+        Result<Settled, OutboxError>,
+    ),
     Stats(
         oneshot::Sender<Result<FileStats, OutboxError>>,
         Result<FileStats, OutboxError>,
@@ -683,6 +748,7 @@ impl Reply {
             Reply::Append(tx, _) => drop(tx.send(storage_err(e))),
             Reply::Claim(tx, _) => drop(tx.send(storage_err(e))),
             Reply::Count(tx, _) => drop(tx.send(storage_err(e))),
+            Reply::Settled(tx, _) => drop(tx.send(storage_err(e))),
             Reply::Stats(tx, _) => drop(tx.send(storage_err(e))),
         }
     }
@@ -695,6 +761,7 @@ impl Reply {
             }))),
             Reply::Claim(tx, r) => drop(tx.send(r)),
             Reply::Count(tx, r) => drop(tx.send(r)),
+            Reply::Settled(tx, r) => drop(tx.send(r)),
             Reply::Stats(tx, r) => drop(tx.send(r)),
         }
     }
@@ -703,13 +770,23 @@ impl Reply {
 struct Writer {
     conn: Connection,
     shared: Arc<Shared>,
-    next_seq: i64,
+    /// The next seq to assign in the current group: read from the file
+    /// (`meta.next_seq`, `MAX(seq)`) by the group's first append, after
+    /// `BEGIN IMMEDIATE`, never carried from one group to the next (another
+    /// process may have appended in between).
+    next_seq: Option<i64>,
     /// The connection's current `synchronous` setting: FULL (true) for
     /// groups that must survive a power cut, NORMAL otherwise (module doc).
     synced: bool,
     /// Rows published and awaiting a receipt, as runs of contiguous seqs
     /// keyed by their first seq (module doc, "In-flight rows").
     inflight: BTreeMap<i64, Run>,
+    /// `PRAGMA data_version` when the counters were last exact: a
+    /// different value means another process committed (module doc,
+    /// "Other writers").
+    data_version: i64,
+    /// Another process committed since the last [`Cmd::Refresh`] answer.
+    external_seen: bool,
 }
 
 /// A run of rows claimed together (one envelope may hold several runs when
@@ -720,6 +797,42 @@ struct Run {
     batch_id: Uuid,
     /// Unix milliseconds of the claim.
     published_at: i64,
+}
+
+/// Sorts inclusive ranges and merges the overlapping and adjacent ones.
+fn merge_ranges(mut v: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    v.retain(|(f, l)| f <= l);
+    v.sort_unstable();
+    v.dedup_by(|next, prev| {
+        if next.0 <= prev.1.saturating_add(1) {
+            prev.1 = prev.1.max(next.1);
+            true
+        } else {
+            false
+        }
+    });
+    v
+}
+
+/// The parts of `proposed` inside `runs` (both sorted and disjoint), and
+/// whether anything of `proposed` lay outside them.
+fn intersect(proposed: &[(i64, i64)], runs: &[(i64, i64)]) -> (Vec<(i64, i64)>, bool) {
+    let len = |(f, l): (i64, i64)| i128::from(l) - i128::from(f) + 1;
+    let mut hits = Vec::new();
+    let mut outside = false;
+    for &(a, b) in proposed {
+        let mut covered = 0i128;
+        for &(f, l) in runs {
+            let (lo, hi) = (a.max(f), b.min(l));
+            if lo <= hi {
+                hits.push((lo, hi));
+                covered += len((lo, hi));
+            }
+        }
+        outside |= covered < len((a, b));
+    }
+    hits.sort_unstable();
+    (hits, outside)
 }
 
 impl Writer {
@@ -734,22 +847,40 @@ impl Writer {
                 }
             }
             let mut close = None;
+            let mut refresh = Vec::new();
             let mut work = Vec::with_capacity(cmds.len());
             for c in cmds {
                 match c {
                     Cmd::Close(tx) => close = Some(tx),
+                    Cmd::Refresh(tx) => refresh.push(tx),
                     other => work.push(other),
                 }
             }
             if !work.is_empty() {
+                // The group looks for other writers' commits itself.
                 self.group(work);
+            } else if !refresh.is_empty() {
+                if let Err(e) = self.refresh_outside_group() {
+                    let msg = format!("refresh: {e}");
+                    for tx in refresh.drain(..) {
+                        let _ = tx.send(storage_err(&msg));
+                    }
+                }
+            }
+            if !refresh.is_empty() {
+                let seen = std::mem::take(&mut self.external_seen);
+                for tx in refresh {
+                    let _ = tx.send(Ok(seen));
+                }
             }
             if let Some(tx) = close {
                 // Drain whatever raced with the close, then stop.
                 let mut rest = Vec::new();
                 while let Ok(c) = rx.try_recv() {
-                    if !matches!(c, Cmd::Close(_)) {
-                        rest.push(c);
+                    match c {
+                        Cmd::Close(_) => {}
+                        Cmd::Refresh(tx) => drop(tx.send(Err(OutboxError::Closed))),
+                        other => rest.push(other),
                     }
                 }
                 if !rest.is_empty() {
@@ -765,12 +896,66 @@ impl Writer {
         }
     }
 
+    /// When another connection committed to the file since the counters
+    /// were last exact, recounts them from the file. Called inside a
+    /// transaction (the count and the data version are then of one
+    /// snapshot). Only the writer thread stores into the counters, so they
+    /// are overwritten here, not adjusted.
+    fn absorb_external_commits(&mut self) -> rusqlite::Result<()> {
+        let version = data_version(&self.conn)?;
+        if version == self.data_version {
+            return Ok(());
+        }
+        let (rows, bytes) = read_counts(&self.conn)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
+        let mut in_flight = 0i64;
+        for (&first, run) in &self.inflight {
+            in_flight += stmt.query_row(params![first, run.last], |r| r.get::<_, i64>(0))?;
+        }
+        drop(stmt);
+        let s = &self.shared;
+        let before = s.unconfirmed.load(Ordering::Acquire);
+        let unsent = (rows - in_flight).max(0) as u64;
+        s.unconfirmed.store(rows as u64, Ordering::Release);
+        s.unsent.store(unsent, Ordering::Release);
+        s.bytes.store(bytes as u64, Ordering::Release);
+        self.data_version = version;
+        self.external_seen = true;
+        tracing::info!(
+            site_id = %s.site_id, unconfirmed = rows, before, unsent,
+            "outbox: another process committed to the file; counters recounted"
+        );
+        if unsent > 0 {
+            s.pending.notify_one();
+        }
+        Ok(())
+    }
+
+    /// [`Writer::absorb_external_commits`] for a refresh that came alone:
+    /// a read transaction, no write lock taken.
+    fn refresh_outside_group(&mut self) -> Result<(), OutboxError> {
+        if data_version(&self.conn)? == self.data_version {
+            return Ok(());
+        }
+        exec_cached(&self.conn, "BEGIN")?;
+        let r = self.absorb_external_commits();
+        let r = r.and_then(|()| exec_cached(&self.conn, "COMMIT"));
+        if r.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        r?;
+        self.publish_gauges();
+        Ok(())
+    }
+
     /// Executes a group of commands in one transaction, then answers them.
     fn group(&mut self, cmds: Vec<Cmd>) {
         let started = Instant::now();
         let n = cmds.len();
-        let seq_before = self.next_seq;
         let inflight_before = self.inflight.clone();
+        self.next_seq = None;
         // Set outside the transaction (SQLite reads it at commit).
         let durable = cmds.iter().any(|c| matches!(c, Cmd::Append(..) | Cmd::Refused(..)));
         if durable != self.synced {
@@ -788,7 +973,14 @@ impl Writer {
                 }
             }
         }
-        if let Err(e) = exec_cached(&self.conn, "BEGIN IMMEDIATE") {
+        let begun = exec_cached(&self.conn, "BEGIN IMMEDIATE").and_then(|()| {
+            // Holding the write lock: what another process committed is
+            // counted before any command relies on the counters.
+            self.absorb_external_commits().inspect_err(|_| {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            })
+        });
+        if let Err(e) = begun {
             let msg = format!("begin: {e}");
             for c in cmds {
                 fail_cmd(c, &msg);
@@ -807,15 +999,15 @@ impl Writer {
                 total.unsent += delta.unsent;
                 total.bytes += delta.bytes;
                 total.notify |= delta.notify;
-                receipt |= matches!(reply, Reply::Count(..)) && delta.rows < 0;
+                receipt |= matches!(reply, Reply::Settled(..)) && delta.rows < 0;
             } else {
                 let _ = self.conn.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
             }
             replies.push(reply);
         }
         let mut commit = Ok(());
-        if self.next_seq != seq_before {
-            commit = meta_set(&self.conn, "next_seq", &self.next_seq.to_string());
+        if let Some(next) = self.next_seq {
+            commit = meta_set(&self.conn, "next_seq", &next.to_string());
         }
         if receipt && commit.is_ok() {
             commit = meta_set(
@@ -825,9 +1017,9 @@ impl Writer {
             );
         }
         let commit = commit.and_then(|()| exec_cached(&self.conn, "COMMIT"));
+        self.next_seq = None;
         if let Err(e) = commit {
             let _ = self.conn.execute_batch("ROLLBACK");
-            self.next_seq = seq_before;
             self.inflight = inflight_before;
             tracing::error!(error = %e, "outbox commit failed; nothing of this group was acknowledged");
             let msg = format!("commit: {e}");
@@ -915,9 +1107,13 @@ impl Writer {
                 ),
                 Err(e) => (Reply::Count(tx, Err(e)), Delta::default(), false),
             },
-            Cmd::Settle(ranges, tx) => match self.settle(&ranges, so_far) {
-                Ok((n, d)) => (Reply::Count(tx, Ok(n)), d, true),
-                Err(e) => (Reply::Count(tx, Err(e)), Delta::default(), false),
+            Cmd::SettleBatch {
+                batch_id,
+                proposed,
+                reply,
+            } => match self.settle_batch(batch_id, &proposed, so_far) {
+                Ok((n, d)) => (Reply::Settled(reply, Ok(n)), d, true),
+                Err(e) => (Reply::Settled(reply, Err(e)), Delta::default(), false),
             },
             Cmd::Refused(recs, tx) => match self.refused(&recs) {
                 Ok(n) => (Reply::Count(tx, Ok(n)), Delta::default(), true),
@@ -935,7 +1131,7 @@ impl Writer {
                     true,
                 )
             }
-            Cmd::Close(_) => unreachable!("filtered before"),
+            Cmd::Close(_) | Cmd::Refresh(_) => unreachable!("filtered before"),
         }
     }
 
@@ -943,13 +1139,20 @@ impl Writer {
         let cfg = &self.shared.cfg;
         let mut rows = (self.shared.unconfirmed.load(Ordering::Acquire) as i64 + so_far.rows) as u64;
         let mut bytes = (self.shared.bytes.load(Ordering::Acquire) as i64 + so_far.bytes) as u64;
-        let start_seq = self.next_seq;
+        let start_seq = match self.next_seq {
+            Some(seq) => seq,
+            None => next_seq(&self.conn)?,
+        };
         let now_ms = Utc::now().timestamp_millis();
         let mut out = AppendOutcome::default();
         let mut d = Delta::default();
+        // A duplicate is the same impression_id and nothing else: a seq
+        // that is taken fails the append (it would be a bug, never a play
+        // already stored).
         let mut stmt = self.conn.prepare_cached(
-            "INSERT OR IGNORE INTO outbox (seq, impression_id, played_at, enqueued_at, state, attempts, body)
-             VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5)",
+            "INSERT INTO outbox (seq, impression_id, played_at, enqueued_at, state, attempts, body)
+             VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5)
+             ON CONFLICT (impression_id) DO NOTHING",
         )?;
         let mut seq = start_seq;
         for imp in imps {
@@ -993,7 +1196,9 @@ impl Writer {
             }
         }
         drop(stmt);
-        self.next_seq = seq;
+        if seq != start_seq {
+            self.next_seq = Some(seq);
+        }
         d.rows = out.inserted as i64;
         d.unsent = out.inserted as i64;
         d.notify = out.inserted > 0;
@@ -1015,14 +1220,6 @@ impl Writer {
         }
         gaps.push((from, i64::MAX));
         gaps
-    }
-
-    /// Whether `seq` lies in an in-flight run.
-    fn in_flight(&self, seq: i64) -> bool {
-        self.inflight
-            .range(..=seq)
-            .next_back()
-            .is_some_and(|(_, run)| run.last >= seq)
     }
 
     /// Takes the oldest pending rows. Read-only on the file: the claim is
@@ -1100,91 +1297,118 @@ impl Writer {
         Ok(n)
     }
 
-    /// Deletes the rows a receipt names. When they are every stored row (a
-    /// box that is caught up: the usual case), the table is emptied with a
-    /// bare `DELETE`, which SQLite executes by releasing the pages instead of
-    /// rewriting each one; the counters then come from memory.
-    fn settle(&mut self, ranges: &[SeqRange], so_far: &Delta) -> Result<(u64, Delta), OutboxError> {
-        let mut merged: Vec<(i64, i64)> = ranges
+    /// Applies a receipt for `batch_id` ([`Outbox::settle_batch`]): deletes
+    /// the proposed seqs that lie in that batch's runs, nothing else. When
+    /// the receipt settles the whole batch and the batch holds every stored
+    /// row (a box that is caught up: the usual case), the table is emptied
+    /// with a bare `DELETE`, which SQLite executes by releasing the pages
+    /// instead of rewriting each one. That decision is made from the
+    /// batch's runs and the file, never from the receipt's ranges.
+    fn settle_batch(
+        &mut self,
+        batch_id: Uuid,
+        proposed: &[SeqRange],
+        so_far: &Delta,
+    ) -> Result<(Settled, Delta), OutboxError> {
+        let runs: Vec<(i64, i64)> = self
+            .inflight
             .iter()
-            .filter(|r| r.first <= r.last)
-            .map(|r| (r.first, r.last))
+            .filter(|(_, r)| r.batch_id == batch_id)
+            .map(|(&f, r)| (f, r.last))
             .collect();
-        merged.sort_unstable();
-        merged.dedup_by(|next, prev| {
-            if next.0 <= prev.1.saturating_add(1) {
-                prev.1 = prev.1.max(next.1);
-                true
-            } else {
-                false
-            }
-        });
         let mut d = Delta::default();
-        if let [(first, last)] = merged[..] {
-            let (lo, hi): (Option<i64>, Option<i64>) = self.conn.query_row(
-                "SELECT (SELECT MIN(seq) FROM outbox), (SELECT MAX(seq) FROM outbox)",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            if let (Some(lo), Some(hi)) = (lo, hi) {
-                if first <= lo && hi <= last {
-                    let n = self.conn.prepare_cached("DELETE FROM outbox")?.execute([])? as u64;
-                    let s = &self.shared;
-                    let expected = s.unconfirmed.load(Ordering::Acquire) as i64 + so_far.rows;
-                    if n as i64 != expected {
-                        tracing::warn!(deleted = n, expected, "outbox counters disagreed with the file");
-                    }
-                    d.rows = -(n as i64);
-                    d.bytes = -(s.bytes.load(Ordering::Acquire) as i64 + so_far.bytes);
-                    d.unsent = -(s.unsent.load(Ordering::Acquire) as i64 + so_far.unsent);
-                    self.inflight.clear();
-                    return Ok((n, d));
-                }
+        if runs.is_empty() {
+            return Ok((Settled::default(), d));
+        }
+        let proposed = merge_ranges(proposed.iter().map(|r| (r.first, r.last)).collect());
+        let (hits, outside) = intersect(&proposed, &runs);
+        let mut out = Settled {
+            known_batch: true,
+            outside,
+            ..Default::default()
+        };
+        if hits == runs && self.only_rows_in(&runs)? {
+            let n = self.conn.prepare_cached("DELETE FROM outbox")?.execute([])? as u64;
+            let s = &self.shared;
+            let expected = s.unconfirmed.load(Ordering::Acquire) as i64 + so_far.rows;
+            if n as i64 != expected {
+                tracing::warn!(deleted = n, expected, "outbox counters disagreed with the file");
             }
+            d.rows = -(n as i64);
+            d.bytes = -(s.bytes.load(Ordering::Acquire) as i64 + so_far.bytes);
+            d.unsent = -(s.unsent.load(Ordering::Acquire) as i64 + so_far.unsent);
+            for (f, _) in &runs {
+                self.inflight.remove(f);
+            }
+            out.settled = n;
+            return Ok((out, d));
         }
         let mut stmt = self
             .conn
-            .prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING seq, octet_length(body)")?;
-        let mut n = 0u64;
-        let mut deleted: Vec<i64> = Vec::new();
-        for &(first, last) in &merged {
+            .prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING octet_length(body)")?;
+        for &(first, last) in &hits {
             let mut rows = stmt.query(params![first, last])?;
             while let Some(row) = rows.next()? {
-                deleted.push(row.get(0)?);
-                let len: i64 = row.get(1)?;
-                n += 1;
+                let len: i64 = row.get(0)?;
+                out.settled += 1;
                 d.rows -= 1;
                 d.bytes -= len;
             }
         }
         drop(stmt);
-        d.unsent -= deleted.iter().filter(|&&seq| !self.in_flight(seq)).count() as i64;
-        // Runs wholly settled are done. A run settled in part (receipts that
-        // split it, rare) stays while it still holds rows, so that no run
-        // outlives its rows in a process that runs for months.
-        let touched: Vec<(i64, i64)> = self
-            .inflight
-            .iter()
-            .filter(|(&f, r)| merged.iter().any(|&(first, last)| first <= r.last && f <= last))
-            .map(|(&f, r)| (f, r.last))
-            .collect();
-        for (f, l) in touched {
-            let wholly = merged.iter().any(|&(first, last)| first <= f && l <= last);
-            let holds_rows = !wholly
-                && self.conn.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE seq BETWEEN ?1 AND ?2)",
-                    params![f, l],
-                    |r| r.get::<_, bool>(0),
-                )?;
-            if !holds_rows {
-                self.inflight.remove(&f);
+        // Every deleted row was in flight: `unsent` does not change. Runs
+        // wholly settled are done; a run settled in part keeps its other
+        // rows in flight (the receipt timeout requeues them) while it holds
+        // any, so that no run outlives its rows.
+        let mut count = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
+        let mut done = Vec::new();
+        for &(f, l) in &runs {
+            let wholly = hits.iter().any(|&(a, b)| a <= f && l <= b);
+            let left = if wholly {
+                0
+            } else {
+                count.query_row(params![f, l], |r| r.get::<_, i64>(0))? as u64
+            };
+            out.remaining += left;
+            if left == 0 {
+                done.push(f);
             }
         }
-        if n == 0 {
-            // Nothing to delete: do not count it as a receipt applied to this file.
-            d.rows = 0;
+        drop(count);
+        for f in done {
+            self.inflight.remove(&f);
         }
-        Ok((n, d))
+        Ok((out, d))
+    }
+
+    /// Whether every stored row lies in `runs` (sorted, disjoint): index
+    /// lookups only (the lowest and highest seq, one probe per gap).
+    fn only_rows_in(&self, runs: &[(i64, i64)]) -> Result<bool, OutboxError> {
+        let (Some(&(lo_run, _)), Some(&(_, hi_run))) = (runs.first(), runs.last()) else {
+            return Ok(false);
+        };
+        let (lo, hi): (Option<i64>, Option<i64>) = self
+            .conn
+            .prepare_cached("SELECT (SELECT MIN(seq) FROM outbox), (SELECT MAX(seq) FROM outbox)")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (Some(lo), Some(hi)) = (lo, hi) else {
+            return Ok(false);
+        };
+        if lo < lo_run || hi > hi_run {
+            return Ok(false);
+        }
+        let mut probe = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM outbox WHERE seq BETWEEN ?1 AND ?2)")?;
+        for w in runs.windows(2) {
+            let (gap_lo, gap_hi) = (w[0].1 + 1, w[1].0 - 1);
+            if gap_lo <= gap_hi && probe.query_row(params![gap_lo, gap_hi], |r| r.get::<_, bool>(0))? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn refused(&mut self, recs: &[RefusedRecord]) -> Result<u64, OutboxError> {
@@ -1209,7 +1433,9 @@ fn fail_cmd(c: Cmd, msg: &str) {
     match c {
         Cmd::Append(_, tx) => drop(tx.send(storage_err(e))),
         Cmd::Claim { reply, .. } => drop(reply.send(storage_err(e))),
-        Cmd::Requeue(_, tx) | Cmd::Settle(_, tx) | Cmd::Refused(_, tx) => drop(tx.send(storage_err(e))),
+        Cmd::Requeue(_, tx) | Cmd::Refused(_, tx) => drop(tx.send(storage_err(e))),
+        Cmd::SettleBatch { reply, .. } => drop(reply.send(storage_err(e))),
+        Cmd::Refresh(tx) => drop(tx.send(storage_err(e))),
         Cmd::Stats(tx) => drop(tx.send(storage_err(e))),
         Cmd::Close(tx) => drop(tx.send(())),
     }
@@ -1254,7 +1480,8 @@ pub(crate) mod tests {
         assert_eq!((o.inserted, o.duplicates, o.queued), (5, 0, 5));
         let o = ob.append((3..8).map(|k| imp("s1", k)).collect()).await.unwrap();
         assert_eq!((o.inserted, o.duplicates, o.queued), (3, 2, 8));
-        let c = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        let b = Uuid::now_v7();
+        let c = ob.claim(100, 1 << 20, b).await.unwrap();
         assert_eq!(c.seqs().to_vec(), (1..=8).collect::<Vec<_>>());
         // The joined bodies are the stored impressions, in seq order.
         let mut array = b"[".to_vec();
@@ -1268,7 +1495,8 @@ pub(crate) mod tests {
         assert_eq!(bodies[0].impression_id, imp("s1", 0).impression_id);
         assert_eq!(ob.counts().unsent, 0);
         // Settle everything: the table empties, the next seq is still 9.
-        assert_eq!(ob.settle(vec![SeqRange { first: 1, last: 8 }]).await.unwrap(), 8);
+        let s = ob.settle_batch(b, vec![SeqRange { first: 1, last: 8 }]).await.unwrap();
+        assert_eq!((s.known_batch, s.settled, s.outside, s.remaining), (true, 8, false, 0));
         assert_eq!(ob.counts(), Counts::default());
         ob.append(vec![imp("s1", 100)]).await.unwrap();
         ob.close().await;
@@ -1299,10 +1527,17 @@ pub(crate) mod tests {
         assert_eq!((c1.len(), c2.len(), ob.counts().unsent), (4, 4, 2));
         assert_eq!(ob.requeue(Some(b1)).await.unwrap(), 4);
         assert_eq!(ob.counts().unsent, 6);
-        let again = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        let b3 = Uuid::now_v7();
+        let again = ob.claim(100, 1 << 20, b3).await.unwrap();
         assert_eq!(again.seqs().to_vec(), vec![1, 2, 3, 4, 9, 10]);
         // Only what a receipt names goes.
-        assert_eq!(ob.settle(vec![SeqRange { first: 2, last: 3 }]).await.unwrap(), 2);
+        assert_eq!(
+            ob.settle_batch(b3, vec![SeqRange { first: 2, last: 3 }])
+                .await
+                .unwrap()
+                .settled,
+            2
+        );
         ob.close().await;
         let ob = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
         assert_eq!(ob.counts().unconfirmed, 8);
@@ -1348,39 +1583,191 @@ pub(crate) mod tests {
         assert_eq!((attempts, batch.as_slice()), (1, b1.as_bytes().as_slice()));
         assert_eq!(untouched(&file), 6);
 
-        let all = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        let b2 = Uuid::now_v7();
+        let all = ob.claim(100, 1 << 20, b2).await.unwrap();
         assert_eq!(all.len(), 10);
         // A partial receipt leaves the rest of the run in flight: not claimed again.
-        assert_eq!(ob.settle(vec![SeqRange { first: 3, last: 5 }]).await.unwrap(), 3);
+        let s = ob.settle_batch(b2, vec![SeqRange { first: 3, last: 5 }]).await.unwrap();
+        assert_eq!((s.settled, s.remaining), (3, 7));
         assert_eq!((ob.counts().unconfirmed, ob.counts().unsent), (7, 0));
         assert!(ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap().is_empty());
         assert_eq!(
-            ob.requeue(None).await.unwrap(),
+            ob.requeue(Some(b2)).await.unwrap(),
             7,
             "the run's remaining rows are still in flight"
         );
-        let again = ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        let b3 = Uuid::now_v7();
+        let again = ob.claim(100, 1 << 20, b3).await.unwrap();
         assert_eq!(again.seqs().to_vec(), vec![1, 2, 6, 7, 8, 9, 10]);
 
-        // Rows never published, settled by a receipt (a duplicate's), leave `unsent`.
+        // Rows never published are not the batch's: a receipt naming them
+        // settles none of them.
         ob.append((10..12).map(|k| imp("s1", k)).collect()).await.unwrap();
         assert_eq!(ob.counts().unsent, 2);
-        assert_eq!(ob.settle(vec![SeqRange { first: 11, last: 11 }]).await.unwrap(), 1);
-        assert_eq!((ob.counts().unconfirmed, ob.counts().unsent), (8, 1));
-
-        // A receipt naming every stored row (in two adjacent ranges) empties
-        // the table; the counters follow from memory.
-        let n = ob
-            .settle(vec![SeqRange { first: 7, last: 20 }, SeqRange { first: 1, last: 6 }])
+        let s = ob
+            .settle_batch(b3, vec![SeqRange { first: 11, last: 11 }])
             .await
             .unwrap();
-        assert_eq!(n, 8);
+        assert_eq!((s.known_batch, s.settled, s.outside), (true, 0, true));
+        assert_eq!((ob.counts().unconfirmed, ob.counts().unsent), (9, 2));
+        let b4 = Uuid::now_v7();
+        assert_eq!(ob.claim(100, 1 << 20, b4).await.unwrap().seqs().to_vec(), vec![11, 12]);
+
+        // A receipt settling its whole batch, when the batch holds every
+        // stored row, empties the table (the bare DELETE); here b3 does not
+        // hold 11 and 12, so it deletes its own rows only.
+        let s = ob
+            .settle_batch(
+                b3,
+                vec![SeqRange { first: 7, last: 20 }, SeqRange { first: 1, last: 6 }],
+            )
+            .await
+            .unwrap();
+        assert_eq!((s.settled, s.outside, s.remaining), (7, true, 0));
+        assert_eq!(ob.counts().unconfirmed, 2);
+        let s = ob
+            .settle_batch(b4, vec![SeqRange { first: 11, last: 12 }])
+            .await
+            .unwrap();
+        assert_eq!((s.settled, s.outside), (2, false));
         assert_eq!(ob.counts(), Counts::default());
         let left: i64 = file.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).unwrap();
         assert_eq!(left, 0);
         let st = ob.stats().await.unwrap();
         assert_eq!((st.unconfirmed, st.unsent, st.next_seq), (0, 0, 13));
+        // A settled batch is no longer in flight: its receipt again is ignored.
+        let s = ob
+            .settle_batch(b4, vec![SeqRange { first: 11, last: 12 }])
+            .await
+            .unwrap();
+        assert_eq!(s, Settled::default());
         ob.close().await;
+    }
+
+    /// A forged receipt (any batch id, any ranges) can remove only rows in
+    /// flight in the batch it names; with a made-up batch, nothing.
+    #[tokio::test]
+    async fn a_receipt_settles_only_the_runs_of_its_own_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = OutboxConfig::new(dir.path());
+        let path = cfg.path();
+        let ob = Outbox::open(cfg, "s1").unwrap();
+        ob.append((0..30).map(|k| imp("s1", k)).collect()).await.unwrap();
+        let everything = vec![SeqRange {
+            first: i64::MIN,
+            last: i64::MAX,
+        }];
+        // No batch in flight at all.
+        assert_eq!(
+            ob.settle_batch(Uuid::now_v7(), everything.clone()).await.unwrap(),
+            Settled::default()
+        );
+        let (b1, b2) = (Uuid::now_v7(), Uuid::now_v7());
+        assert_eq!(
+            ob.claim(10, 1 << 20, b1).await.unwrap().seqs(),
+            (1..=10).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            ob.claim(10, 1 << 20, b2).await.unwrap().seqs(),
+            (11..=20).collect::<Vec<_>>()
+        );
+        // A made-up batch id with the whole seq space: nothing.
+        let s = ob.settle_batch(Uuid::now_v7(), everything.clone()).await.unwrap();
+        assert!(!s.known_batch);
+        let stored = |path: &Path| -> i64 {
+            let c = open_connection(path, 64).unwrap();
+            c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(stored(&path), 30);
+        // b1's id with the whole seq space: b1's rows only, the rest flagged.
+        let s = ob.settle_batch(b1, everything.clone()).await.unwrap();
+        assert_eq!((s.known_batch, s.settled, s.outside, s.remaining), (true, 10, true, 0));
+        assert_eq!(stored(&path), 20);
+        assert_eq!((ob.counts().unconfirmed, ob.counts().unsent), (20, 10));
+        // b2 requeued (its receipt timed out): its late receipt settles nothing.
+        assert_eq!(ob.requeue(Some(b2)).await.unwrap(), 10);
+        assert!(!ob.settle_batch(b2, everything.clone()).await.unwrap().known_batch);
+        assert_eq!(stored(&path), 20);
+        // Degenerate ranges (last < first) settle nothing either.
+        let b3 = Uuid::now_v7();
+        ob.claim(100, 1 << 20, b3).await.unwrap();
+        let s = ob
+            .settle_batch(b3, vec![SeqRange { first: 25, last: 12 }])
+            .await
+            .unwrap();
+        assert_eq!((s.settled, s.remaining), (0, 20));
+        assert_eq!(stored(&path), 20);
+        // The genuine receipt of the batch holding every row empties the file.
+        let s = ob.settle_batch(b3, SeqRange::compress(11..=30)).await.unwrap();
+        assert_eq!((s.settled, s.outside, s.remaining), (20, false, 0));
+        assert_eq!(stored(&path), 0);
+        assert_eq!(ob.counts(), Counts::default());
+        ob.close().await;
+    }
+
+    /// Two handles on one file (two processes: the service and `import`)
+    /// appending at once: distinct seqs, nothing lost, no play reported as
+    /// a duplicate it was not, and each side's counters follow the other's
+    /// commits.
+    #[tokio::test]
+    async fn two_outboxes_on_one_file_append_concurrently_without_colliding() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
+        let b = Outbox::open(OutboxConfig::new(dir.path()), "s1").unwrap();
+        assert_eq!(a.outbox_id(), b.outbox_id());
+        let writers: Vec<_> = [(a.clone(), 0i64), (b.clone(), 1_000_000)]
+            .into_iter()
+            .flat_map(|(ob, base)| {
+                (0..8).map(move |t| {
+                    let ob = ob.clone();
+                    tokio::spawn(async move {
+                        let mut inserted = 0;
+                        for round in 0..10 {
+                            let k0 = base + t * 1000 + round * 10;
+                            let o = ob.append((k0..k0 + 10).map(|k| imp("s1", k)).collect()).await.unwrap();
+                            assert_eq!(o.duplicates, 0, "new plays answered as duplicates");
+                            inserted += o.inserted;
+                        }
+                        inserted
+                    })
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for w in writers {
+            total += w.await.unwrap();
+        }
+        assert_eq!(total, 1600);
+        // Each handle sees the other's rows once it looks.
+        a.refresh().await.unwrap();
+        b.refresh().await.unwrap();
+        assert_eq!(a.counts().unconfirmed, 1600);
+        assert_eq!(b.counts().unconfirmed, 1600);
+        let batch = Uuid::now_v7();
+        let c = a.claim(10_000, 1 << 30, batch).await.unwrap();
+        assert_eq!(
+            c.seqs().to_vec(),
+            (1..=1600).collect::<Vec<_>>(),
+            "one seq per play, none skipped"
+        );
+        let mut array = b"[".to_vec();
+        array.extend_from_slice(c.joined_bodies());
+        array.push(b']');
+        let bodies: Vec<Impression> = serde_json::from_slice(&array).unwrap();
+        let ids: std::collections::HashSet<Uuid> = bodies.iter().map(|i| i.impression_id).collect();
+        assert_eq!(ids.len(), 1600);
+        // A retry through the other handle is a duplicate by impression id.
+        let o = b.append(vec![imp("s1", 0)]).await.unwrap();
+        assert_eq!((o.inserted, o.duplicates), (0, 1));
+        let s = a.settle_batch(batch, SeqRange::compress(1..=1600)).await.unwrap();
+        assert_eq!(s.settled, 1600);
+        b.append(vec![imp("s1", 5_000_000)]).await.unwrap();
+        assert!(a.refresh().await.unwrap(), "b's commit seen");
+        assert!(!a.refresh().await.unwrap(), "nothing new since");
+        assert_eq!((a.counts().unconfirmed, a.counts().unsent), (1, 1));
+        assert_eq!(a.stats().await.unwrap().next_seq, 1602);
+        a.close().await;
+        b.close().await;
     }
 
     /// `bytes` counts UTF-8 bytes everywhere (the limit is in bytes): an
@@ -1417,9 +1804,16 @@ pub(crate) mod tests {
             .unwrap()
             .contains("café"));
         assert_eq!(ob.counts().bytes, stored_bytes(&file));
-        ob.claim(100, 1 << 20, Uuid::now_v7()).await.unwrap();
+        let b = Uuid::now_v7();
+        ob.claim(100, 1 << 20, b).await.unwrap();
         // A partial receipt takes its rows' bytes away.
-        assert_eq!(ob.settle(vec![SeqRange { first: 2, last: 3 }]).await.unwrap(), 2);
+        assert_eq!(
+            ob.settle_batch(b, vec![SeqRange { first: 2, last: 3 }])
+                .await
+                .unwrap()
+                .settled,
+            2
+        );
         assert_eq!(ob.counts().bytes, stored_bytes(&file));
         assert_eq!(ob.stats().await.unwrap().bytes, stored_bytes(&file));
         ob.close().await;

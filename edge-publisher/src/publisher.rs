@@ -4,7 +4,36 @@
 //! both drop messages for lagging or offline subscribers after the PUBACK),
 //! so an impression leaves the outbox only when the ingestor's [`Receipt`]
 //! (published after its PostgreSQL commit) names its seq. Everything else is
-//! about resending without ever needing to be exact:
+//! about resending without ever needing to be exact.
+//!
+//! # What a receipt may settle
+//!
+//! Anyone who can publish on the box's receipts topic (a buggy tool, another
+//! site's account on a broker without topic ACLs, a misconfigured bridge) can
+//! put anything there, and the outbox id is in every envelope. So a receipt
+//! is a *proposal*: [`Outbox::settle_batch`] deletes only the seqs it names
+//! that are in flight in the batch it answers (claimed and published by this
+//! process under that `batch_id`). Everything else is ignored, acknowledged
+//! to the broker (a persistent session redelivers what it is not acked), one
+//! log line per message, counted in `edge_receipts_ignored_total{reason}`:
+//!
+//! | reason | what arrived |
+//! |---|---|
+//! | `retained` | a retained message (the ingestor never retains a receipt: an attack or a misconfiguration, replayed to every new subscription) |
+//! | `wrong_topic` | a message on another topic (a subscription the persistent session kept from another configuration) |
+//! | `oversized` | above [`MAX_RECEIPT_BYTES`], not parsed |
+//! | `unreadable` | not a version-1 receipt |
+//! | `other_site` | a receipt of another site |
+//! | `other_outbox` | a receipt of another outbox (this file re-created, a stale receipt) |
+//! | `unknown_batch` | a batch not in flight: forged, late (its batch timed out and was republished under a new id, whose receipt settles it), or of a previous process |
+//! | `outside_batch` | a receipt naming seqs outside its batch (those are ignored; the batch's own are settled) |
+//!
+//! Messages are acknowledged in arrival order after they were handled, and
+//! the MQTT client accepts far larger packets than any broker we configure
+//! ([`runtime::mqtt::MAX_INCOMING_PACKET_BYTES`]), so no message can break
+//! the connection and, redelivered, every reconnect after it.
+//!
+//! # Resending
 //!
 //! * a batch with no receipt within `receipt_timeout_ms` goes back to pending
 //!   and is published again under a new batch id (same impression ids and
@@ -24,7 +53,7 @@ use chrono::{Datelike, Utc};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, Publish, QoS};
 use schema::{BatchEnvelope, Receipt, SeqRange, SiteStatus, Topics, PAYLOAD_VERSION};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +67,44 @@ use crate::settings::Settings;
 
 /// Bytes reserved for the envelope header when sizing a batch.
 const ENVELOPE_OVERHEAD: usize = 512;
+
+/// Largest message on the receipts topic that is parsed; larger ones are
+/// ignored unread (`oversized`). The largest receipt an honest ingestor
+/// sends is bounded by what it may publish at all, one MQTT packet of
+/// [`schema::mqtt::MAX_PACKET_BYTES`]: a whole envelope refused seq by seq
+/// names up to 5,000 seqs (about 200 KB), and per-impression refusals carry
+/// their reasons, so a tighter bound could refuse a genuine receipt and
+/// leave its rows republished forever.
+pub const MAX_RECEIPT_BYTES: usize = schema::mqtt::MAX_PACKET_BYTES;
+
+/// Why a message on the receipts subscription was ignored (the `reason`
+/// label of `edge_receipts_ignored_total`; the module doc has the table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    Retained,
+    WrongTopic,
+    Oversized,
+    Unreadable,
+    OtherSite,
+    OtherOutbox,
+    UnknownBatch,
+    OutsideBatch,
+}
+
+impl Ignored {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Ignored::Retained => "retained",
+            Ignored::WrongTopic => "wrong_topic",
+            Ignored::Oversized => "oversized",
+            Ignored::Unreadable => "unreadable",
+            Ignored::OtherSite => "other_site",
+            Ignored::OtherOutbox => "other_outbox",
+            Ignored::UnknownBatch => "unknown_batch",
+            Ignored::OutsideBatch => "outside_batch",
+        }
+    }
+}
 
 /// Broker-side state, shared with the HTTP stats endpoint.
 #[derive(Debug, Default)]
@@ -54,6 +121,8 @@ pub struct BrokerHealth {
     published_batches: AtomicU64,
     republished_batches: AtomicU64,
     receipts: AtomicU64,
+    /// Messages ignored on the receipts subscription, by reason.
+    ignored: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A snapshot of [`BrokerHealth`] for the stats endpoint.
@@ -70,6 +139,9 @@ pub struct BrokerSnapshot {
     pub published_batches: u64,
     pub republished_batches: u64,
     pub receipts: u64,
+    /// Messages on the receipts subscription ignored since start, by
+    /// reason (`edge_receipts_ignored_total{reason}` of this edge).
+    pub receipts_ignored: BTreeMap<String, u64>,
 }
 
 impl BrokerHealth {
@@ -101,6 +173,26 @@ impl BrokerHealth {
             published_batches: self.published_batches.load(Ordering::Acquire),
             republished_batches: self.republished_batches.load(Ordering::Acquire),
             receipts: self.receipts.load(Ordering::Acquire),
+            receipts_ignored: self
+                .ignored
+                .lock()
+                .map(|m| m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// How many messages were ignored for `reason` since start.
+    pub fn ignored(&self, reason: Ignored) -> u64 {
+        self.ignored
+            .lock()
+            .map(|m| m.get(reason.as_str()).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn count_ignored(&self, reason: Ignored) {
+        metrics::counter!("edge_receipts_ignored_total", "reason" => reason.as_str()).increment(1);
+        if let Ok(mut m) = self.ignored.lock() {
+            *m.entry(reason.as_str()).or_default() += 1;
         }
     }
 
@@ -265,6 +357,10 @@ impl Publisher {
         let mut check_tick =
             tokio::time::interval((timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
         check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Rows another process appended (`neopro-edge import` while the
+        // service runs) are found at this pace and published at once.
+        let mut refresh_tick = tokio::time::interval(delay.max(Duration::from_millis(50)));
+        refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gate = self.gate.clone();
 
         loop {
@@ -335,11 +431,9 @@ impl Publisher {
                     }
                     Some(IoEvent::Disconnected) => connected = false,
                     Some(IoEvent::Message(p)) => {
-                        if p.topic == receipts_topic {
-                            self.apply_receipt(&p.payload, &mut inflight).await;
-                        } else {
-                            tracing::debug!(topic = %p.topic, "ignoring message on an unexpected topic");
-                        }
+                        self.on_message(&p, &receipts_topic, &mut inflight).await;
+                        // Whatever it was: acknowledged, or the persistent
+                        // session would deliver it again at every reconnect.
                         if let Err(e) = client.ack(&p).await {
                             tracing::debug!(error = %e, "ack failed");
                         }
@@ -347,6 +441,11 @@ impl Publisher {
                 },
                 () = self.outbox.pending_notified() => {}
                 () = tokio::time::sleep_until(wake) => {}
+                _ = refresh_tick.tick() => match self.outbox.refresh().await {
+                    Ok(true) if self.outbox.counts().unsent > 0 => due_at = Some(Instant::now()),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "looking for other writers' commits failed"),
+                },
                 r = async { gate.as_mut().expect("guarded").changed().await }, if !released => {
                     // Opened (or the gate was dropped, which opens it too).
                     if r.is_err() {
@@ -419,7 +518,13 @@ impl Publisher {
         if claimed.is_empty() {
             return Ok(None);
         }
-        let payload = encode_envelope(&s.site_id, self.outbox.outbox_id(), batch_id, &claimed);
+        let payload = match encode_envelope(&s.site_id, self.outbox.outbox_id(), batch_id, &claimed) {
+            Ok(p) => p,
+            Err(e) => {
+                self.outbox.requeue(Some(batch_id)).await?;
+                return Err(e);
+            }
+        };
         let n = claimed.len();
         if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
             self.outbox.requeue(Some(batch_id)).await?;
@@ -432,52 +537,116 @@ impl Publisher {
         Ok(Some((batch_id, n)))
     }
 
-    async fn apply_receipt(&self, payload: &[u8], inflight: &mut HashMap<Uuid, InFlight>) {
-        let r = match Receipt::decode(payload) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "unreadable receipt ignored");
-                metrics::counter!("edge_receipts_ignored_total", "reason" => "unreadable").increment(1);
-                return;
-            }
+    /// Handles one message of the receipts subscription (module doc, "What
+    /// a receipt may settle"); the caller acknowledges it afterwards.
+    async fn on_message(&self, p: &Publish, receipts_topic: &str, inflight: &mut HashMap<Uuid, InFlight>) {
+        let ignored = if p.retain {
+            Some(Ignored::Retained)
+        } else if p.topic != receipts_topic {
+            Some(Ignored::WrongTopic)
+        } else if p.payload.len() > MAX_RECEIPT_BYTES {
+            Some(Ignored::Oversized)
+        } else {
+            None
         };
-        if r.outbox_id != self.outbox.outbox_id() || r.site_id != self.settings.site_id {
-            tracing::info!(outbox_id = %r.outbox_id, batch_id = %r.batch_id, "receipt for another outbox ignored");
-            metrics::counter!("edge_receipts_ignored_total", "reason" => "other_outbox").increment(1);
+        if let Some(reason) = ignored {
+            tracing::warn!(topic = %p.topic, bytes = p.payload.len(), retained = p.retain, reason = reason.as_str(), "message on the receipts subscription ignored");
+            self.health.count_ignored(reason);
             return;
         }
-        let mut ranges = r.committed.clone();
-        for rej in &r.rejected {
-            tracing::warn!(seq = ?rej.seq, impression_id = ?rej.impression_id, reason = %rej.reason, "the centre refused an impression (kept in its dead-letter table)");
-            if let Some(seq) = rej.seq {
-                ranges.push(SeqRange { first: seq, last: seq });
-            }
+        self.apply_receipt(&p.payload, inflight).await;
+    }
+
+    async fn apply_receipt(&self, payload: &[u8], inflight: &mut HashMap<Uuid, InFlight>) {
+        let ignore = |reason: Ignored, detail: &dyn std::fmt::Display| {
+            tracing::warn!(
+                reason = reason.as_str(),
+                bytes = payload.len(),
+                "receipt ignored: {detail}"
+            );
+            self.health.count_ignored(reason);
+        };
+        let r = match Receipt::decode(payload) {
+            Ok(r) => r,
+            Err(e) => return ignore(Ignored::Unreadable, &e),
+        };
+        if r.site_id != self.settings.site_id {
+            return ignore(
+                Ignored::OtherSite,
+                &format_args!("site '{}', batch {}", r.site_id, r.batch_id),
+            );
         }
-        if let Some(rr) = r.rejected_range {
-            tracing::warn!(first = rr.first, last = rr.last, batch_id = %r.batch_id, "the centre refused a whole envelope (kept in its dead-letter table)");
-            ranges.push(rr);
+        if r.outbox_id != self.outbox.outbox_id() {
+            return ignore(
+                Ignored::OtherOutbox,
+                &format_args!("outbox {}, batch {}", r.outbox_id, r.batch_id),
+            );
         }
-        match self.outbox.settle(ranges).await {
-            Ok(n) => {
-                inflight.remove(&r.batch_id);
-                self.health.receipts.fetch_add(1, Ordering::AcqRel);
-                self.health
-                    .last_receipt_ms
-                    .store(Utc::now().timestamp_millis(), Ordering::Release);
-                metrics::counter!("edge_receipts_total").increment(1);
-                metrics::counter!("edge_impressions_confirmed_total").increment(n);
-                tracing::debug!(batch_id = %r.batch_id, confirmed = n, inserted = r.inserted, duplicates = r.duplicates, "receipt applied");
-            }
+        // What the receipt proposes to settle; the outbox keeps only what
+        // lies in the batch's own runs.
+        let mut proposed = r.committed.clone();
+        proposed.extend(
+            r.rejected
+                .iter()
+                .filter_map(|rej| rej.seq)
+                .map(|seq| SeqRange { first: seq, last: seq }),
+        );
+        proposed.extend(r.rejected_range);
+        let settled = match self.outbox.settle_batch(r.batch_id, proposed).await {
+            Ok(s) => s,
             // The batch stays in flight: its timeout republishes it and a new receipt follows.
-            Err(e) => tracing::error!(error = %e, batch_id = %r.batch_id, "applying a receipt failed"),
+            Err(e) => return tracing::error!(error = %e, batch_id = %r.batch_id, "applying a receipt failed"),
+        };
+        if !settled.known_batch {
+            return ignore(
+                Ignored::UnknownBatch,
+                &format_args!(
+                    "batch {} is not in flight (late, forged, or of a previous process)",
+                    r.batch_id
+                ),
+            );
         }
+        if settled.outside {
+            ignore(
+                Ignored::OutsideBatch,
+                &format_args!(
+                    "batch {} named seqs outside its batch (ignored; {} of its own settled)",
+                    r.batch_id, settled.settled
+                ),
+            );
+        }
+        if settled.remaining == 0 {
+            inflight.remove(&r.batch_id);
+        } else {
+            tracing::warn!(batch_id = %r.batch_id, settled = settled.settled, remaining = settled.remaining, "a receipt settled part of its batch: the rest is published again after the receipt timeout");
+        }
+        if !r.rejected.is_empty() || r.rejected_range.is_some() {
+            let first = r.rejected.first();
+            tracing::warn!(
+                batch_id = %r.batch_id, refused = r.rejected.len(), range = ?r.rejected_range,
+                first_seq = ?first.and_then(|x| x.seq), first_reason = first.map(|x| x.reason.as_str()),
+                "the centre refused impressions (kept in its dead-letter table)"
+            );
+        }
+        self.health.receipts.fetch_add(1, Ordering::AcqRel);
+        self.health
+            .last_receipt_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Release);
+        metrics::counter!("edge_receipts_total").increment(1);
+        metrics::counter!("edge_impressions_confirmed_total").increment(settled.settled);
+        tracing::debug!(batch_id = %r.batch_id, confirmed = settled.settled, inserted = r.inserted, duplicates = r.duplicates, "receipt applied");
     }
 }
 
 /// Builds the JSON of a [`BatchEnvelope`] around already-serialised
 /// impressions (the outbox stores each as the exact JSON the envelope needs
 /// and hands a claim over joined by commas), without parsing them again.
-pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: &Claimed) -> Vec<u8> {
+///
+/// It splices the bodies into the schema's own encoding of the envelope,
+/// which must end with its empty `"impressions":[]`; if the schema's
+/// encoding ever changes shape this is an error (the batch is requeued and
+/// the box logs it), never an envelope without its impressions.
+pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: &Claimed) -> anyhow::Result<Vec<u8>> {
     let seqs = claimed.seqs();
     let first = seqs.iter().copied().min().unwrap_or(0);
     let last = seqs.iter().copied().max().unwrap_or(0);
@@ -492,23 +661,16 @@ pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: 
     };
     let head = shell.encode();
     const TAIL: &[u8] = b"\"impressions\":[]}";
+    anyhow::ensure!(
+        head.ends_with(TAIL),
+        "the schema's envelope encoding no longer ends with an empty impressions array; this build cannot splice bodies into it"
+    );
     let bodies = claimed.joined_bodies();
-    if head.ends_with(TAIL) {
-        let mut out = Vec::with_capacity(head.len() + bodies.len());
-        out.extend_from_slice(&head[..head.len() - 2]);
-        out.extend_from_slice(bodies);
-        out.extend_from_slice(b"]}");
-        out
-    } else {
-        // Field order changed in the schema: fall back to a full serialisation.
-        let mut env = shell;
-        let mut array = Vec::with_capacity(bodies.len() + 2);
-        array.push(b'[');
-        array.extend_from_slice(bodies);
-        array.push(b']');
-        env.impressions = serde_json::from_slice(&array).unwrap_or_default();
-        env.encode()
-    }
+    let mut out = Vec::with_capacity(head.len() + bodies.len());
+    out.extend_from_slice(&head[..head.len() - 2]);
+    out.extend_from_slice(bodies);
+    out.extend_from_slice(b"]}");
+    Ok(out)
 }
 
 async fn io_loop(
@@ -593,7 +755,7 @@ mod tests {
             claimed.push(seq, serde_json::to_string(&imp).unwrap().as_bytes());
         }
         let (outbox_id, batch_id) = (Uuid::now_v7(), Uuid::now_v7());
-        let payload = encode_envelope("s1", outbox_id, batch_id, &claimed);
+        let payload = encode_envelope("s1", outbox_id, batch_id, &claimed).unwrap();
         let d = schema::decode_envelope("s1", &payload, Utc::now()).unwrap();
         assert_eq!((d.outbox_id, d.batch_id), (outbox_id, batch_id));
         assert_eq!(d.seq, SeqRange { first: 1, last: 3 });

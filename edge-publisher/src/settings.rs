@@ -28,6 +28,11 @@ pub struct Settings {
     #[serde(deserialize_with = "opt_addr")]
     pub http_addr: Option<SocketAddr>,
     pub max_body_bytes: usize,
+    /// Origins whose pages may call the HTTP API from a browser (CORS):
+    /// `scheme://host[:port]` exactly, or `scheme://host:*` for any port. A
+    /// list in TOML, comma-separated in `NEOPRO_EDGE_CORS_ORIGINS`.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub cors_origins: Vec<String>,
     pub outbox_max_rows: u64,
     pub outbox_max_bytes: u64,
     pub outbox_warn_ratio: f64,
@@ -55,6 +60,7 @@ impl Default for Settings {
             data_dir: default_data_dir(),
             http_addr: Some(SocketAddr::from(([0, 0, 0, 0], 3000))),
             max_body_bytes: 8 << 20,
+            cors_origins: default_cors_origins(),
             outbox_max_rows: 2_000_000,
             outbox_max_bytes: 1 << 30,
             outbox_warn_ratio: 0.8,
@@ -81,6 +87,30 @@ pub fn default_data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/neopro"))
         .join("neopro")
         .join("data")
+}
+
+/// The box's own pages: the TV frontend is served from the box itself.
+pub fn default_cors_origins() -> Vec<String> {
+    vec!["http://localhost:*".to_owned(), "http://neopro.local:*".to_owned()]
+}
+
+/// A list, or one string of comma-separated items (environment, flags).
+fn list_or_commas<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        String(String),
+    }
+    let items = match ListOrString::deserialize(d)? {
+        ListOrString::List(v) => v,
+        ListOrString::String(s) => s.split(',').map(str::to_owned).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 fn opt_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
@@ -117,6 +147,9 @@ impl Settings {
         }
         if self.batch_max_impressions == 0 || self.max_inflight_batches == 0 {
             anyhow::bail!("batch_max_impressions and max_inflight_batches must be >= 1");
+        }
+        for o in &self.cors_origins {
+            crate::http::OriginPattern::parse(o).map_err(|m| anyhow::anyhow!("cors_origins: {m}"))?;
         }
         if !(0.0..=1.0).contains(&self.outbox_warn_ratio) {
             anyhow::bail!("outbox_warn_ratio must be between 0 and 1");

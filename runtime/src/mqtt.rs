@@ -100,6 +100,23 @@ impl serde::Serialize for MqttUrl {
     }
 }
 
+/// Largest packet our clients accept from a broker by default: 16 MiB.
+///
+/// Deliberately far above anything a broker we configure accepts (the
+/// embedded broker and the generated Mosquitto configuration both take
+/// [`schema::mqtt::MAX_PACKET_BYTES`] + 64 KiB). rumqttc drops the
+/// connection on an incoming packet above its limit, and a QoS 1 message on
+/// a persistent session is redelivered at every reconnect: with a limit
+/// below the broker's, one oversized message on a topic we subscribe would
+/// break every connection from then on. Above it, the message arrives, and
+/// the application decides (refuses it as oversized, acknowledges it).
+/// What we send stays bounded by [`MAX_OUTGOING_PACKET_BYTES`].
+pub const MAX_INCOMING_PACKET_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest packet our clients send: one envelope at its limit plus the
+/// MQTT header.
+pub const MAX_OUTGOING_PACKET_BYTES: usize = schema::mqtt::MAX_PACKET_BYTES + 1024;
+
 /// Session and flow settings common to our clients.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -119,6 +136,9 @@ pub struct ClientOptions {
     /// storm feeds itself (measured with 10,000 boxes on rumqttd: 150 s to
     /// settle with 5 s, see the simulator README).
     pub connect_timeout: Duration,
+    /// Largest packet accepted from the broker
+    /// ([`MAX_INCOMING_PACKET_BYTES`] by default, and why).
+    pub max_incoming_packet_bytes: usize,
 }
 
 impl ClientOptions {
@@ -131,6 +151,7 @@ impl ClientOptions {
             manual_acks: false,
             request_channel_capacity: 1024,
             connect_timeout: Duration::from_secs(30),
+            max_incoming_packet_bytes: MAX_INCOMING_PACKET_BYTES,
         }
     }
 }
@@ -153,17 +174,15 @@ pub fn client(
 }
 
 impl MqttUrl {
-    /// rumqttc options for this broker. Packet limits are raised to
-    /// [`schema::mqtt::MAX_PACKET_BYTES`] both ways (rumqttc's 10 KiB default
-    /// would break the connection on the first full batch).
+    /// rumqttc options for this broker. Packet limits (rumqttc's 10 KiB
+    /// default would break the connection on the first full batch):
+    /// [`ClientOptions::max_incoming_packet_bytes`] in,
+    /// [`MAX_OUTGOING_PACKET_BYTES`] out.
     pub fn options(&self, c: &ClientOptions) -> anyhow::Result<MqttOptions> {
         let mut o = MqttOptions::new(c.client_id.clone(), self.host.clone(), self.port);
         o.set_clean_session(c.clean_session)
             .set_keep_alive(c.keep_alive)
-            .set_max_packet_size(
-                schema::mqtt::MAX_PACKET_BYTES + 1024,
-                schema::mqtt::MAX_PACKET_BYTES + 1024,
-            )
+            .set_max_packet_size(c.max_incoming_packet_bytes, MAX_OUTGOING_PACKET_BYTES)
             .set_inflight(c.inflight)
             .set_manual_acks(c.manual_acks)
             .set_request_channel_capacity(c.request_channel_capacity);
@@ -240,5 +259,8 @@ mod tests {
         let o = u.options(&ClientOptions::new("x")).unwrap();
         assert!(o.max_packet_size() > schema::mqtt::MAX_PACKET_BYTES);
         assert!(!o.clean_session());
+        // Above what our brokers accept (MAX_PACKET_BYTES + 64 KiB), so an
+        // oversized message arrives instead of breaking the connection.
+        assert!(MAX_INCOMING_PACKET_BYTES >= 4 * (schema::mqtt::MAX_PACKET_BYTES + 64 * 1024));
     }
 }

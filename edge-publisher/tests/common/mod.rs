@@ -256,3 +256,197 @@ pub async fn clear_retained(broker: &str, topic: &str) {
     })
     .await;
 }
+
+/// The URL of the database `#[sqlx::test]` made for this test.
+pub async fn db_url(pool: &sqlx::PgPool) -> String {
+    let name: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut u = url::Url::parse(&base).unwrap();
+    u.set_path(&format!("/{name}"));
+    u.to_string()
+}
+
+/// A real ingestor (`ingestor::App`) writing into the test's database.
+pub struct Ingestor {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    client_id: String,
+    mqtt: String,
+}
+
+impl Ingestor {
+    /// Starts it on `mqtt` under `prefix` and waits until it is subscribed.
+    pub async fn start(pool: &sqlx::PgPool, mqtt: &str, prefix: &str) -> Ingestor {
+        use std::sync::atomic::Ordering;
+        let client_id = unique("ingestor");
+        let is = ingestor::Settings {
+            database_url: db_url(pool).await,
+            mqtt_url: mqtt.parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            topic_prefix: prefix.to_owned(),
+            client_id: client_id.clone(),
+            ..Default::default()
+        };
+        let ing = ingestor::App::build(is).await.unwrap();
+        let health = ing.health();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ing.run(stop.clone()));
+        wait_until("ingestor ready", 60, || {
+            let h = health.clone();
+            async move { h.db.load(Ordering::Relaxed) && h.mqtt.load(Ordering::Relaxed) }
+        })
+        .await;
+        // Connected; its SUBSCRIBE follows the CONNACK.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ingestor {
+            stop,
+            task,
+            client_id,
+            mqtt: mqtt.to_owned(),
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(60), self.task).await;
+        if self.mqtt == MOSQUITTO {
+            forget_session(&self.mqtt, &self.client_id).await;
+        }
+    }
+}
+
+/// Checks, id by id, that PostgreSQL holds each of `want` exactly once for
+/// `site`, and nothing else of that site.
+pub async fn assert_stored_exactly_once(pool: &sqlx::PgPool, site: &str, want: &std::collections::HashSet<uuid::Uuid>) {
+    let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT impression_id, count(*) FROM sponsor_impressions WHERE site_id = $1 GROUP BY impression_id",
+    )
+    .bind(site)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let got: std::collections::HashMap<uuid::Uuid, i64> = rows.into_iter().collect();
+    let missing: Vec<_> = want.iter().filter(|id| !got.contains_key(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged plays are not in PostgreSQL: {:?}",
+        missing.len(),
+        want.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let twice: Vec<_> = got.iter().filter(|(_, &n)| n != 1).collect();
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    let extra: Vec<_> = got.keys().filter(|id| !want.contains(id)).collect();
+    assert!(extra.is_empty(), "rows nobody played: {extra:?}");
+}
+
+/// The ids of every row the outbox file holds (read through its own connection).
+pub fn outbox_ids(data_dir: &Path) -> std::collections::HashSet<uuid::Uuid> {
+    let conn = edge_publisher::outbox::open_connection(&data_dir.join(edge_publisher::outbox::FILE_NAME), 64).unwrap();
+    let mut ids = std::collections::HashSet::new();
+    edge_publisher::outbox::export_rows(&conn, |r| {
+        ids.insert(r.impression.impression_id);
+        Ok(())
+    })
+    .unwrap();
+    ids
+}
+
+/// A raw MQTT client for the attacker's part: publishes anything, and
+/// collects what arrives on the topics it subscribed.
+pub struct RawClient {
+    pub client: rumqttc::AsyncClient,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<rumqttc::Publish>>>,
+    stop: CancellationToken,
+}
+
+impl RawClient {
+    /// Connects (a clean session, or the persistent session of `client_id`
+    /// when given) and subscribes to `subscribe`.
+    pub async fn connect(mqtt: &str, client_id: Option<&str>, subscribe: &[String]) -> RawClient {
+        use rumqttc::{Event, Packet, QoS};
+        let url: runtime::mqtt::MqttUrl = mqtt.parse().unwrap();
+        let mut o = runtime::mqtt::ClientOptions::new(client_id.map_or_else(|| unique("raw"), str::to_owned));
+        o.clean_session = client_id.is_none();
+        let (client, mut el) = runtime::mqtt::client(&url, &o, |opts| {
+            opts.set_max_packet_size(16 << 20, 16 << 20);
+        })
+        .unwrap();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let (c2, r2, s2) = (client.clone(), received.clone(), stop.clone());
+        let subs = subscribe.to_vec();
+        let mut wanted = subs.len();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    () = s2.cancelled() => { let _ = c2.try_disconnect(); return; }
+                    ev = el.poll() => ev,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        for t in &subs {
+                            let _ = c2.subscribe(t.clone(), QoS::AtLeastOnce).await;
+                        }
+                        if wanted == 0 {
+                            if let Some(tx) = ready_tx.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        wanted = wanted.saturating_sub(1);
+                        if wanted == 0 {
+                            if let Some(tx) = ready_tx.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => r2.lock().unwrap().push(p),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("raw MQTT client connected and subscribed")
+            .unwrap();
+        RawClient { client, received, stop }
+    }
+
+    /// Queues a QoS 1 publish (the caller waits on what the receiver does).
+    pub async fn publish(&self, topic: &str, retain: bool, payload: Vec<u8>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+            .await
+            .unwrap();
+    }
+
+    /// Waits for the first message received on `topic`.
+    pub async fn first_on(&self, topic: &str, secs: u64) -> rumqttc::Publish {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(p) = self.received.lock().unwrap().iter().find(|p| p.topic == topic) {
+                return p.clone();
+            }
+            assert!(Instant::now() < deadline, "nothing received on {topic} in {secs} s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for RawClient {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
