@@ -51,6 +51,47 @@ pub type AuthHandler = Arc<
         + Sync,
 >;
 
+/// NeoPro patch 4: what one connection may publish and subscribe to.
+///
+/// Resolved once per connection by [`ConnectionSettings::authorizer`] from
+/// the CONNECT (client id, username) and consulted by the router for every
+/// PUBLISH (QoS 0, 1 and 2; a QoS 2 publish at its PUBREL) and every
+/// SUBSCRIBE filter, and by the link for the CONNECT's last will. Refusals
+/// follow MQTT 3.1.1: a refused will refuses the CONNECT (CONNACK return
+/// code 5, "not authorized"); a refused filter gets SUBACK return code 0x80
+/// while the other filters of the SUBSCRIBE are granted; a refused publish
+/// is acknowledged as usual (PUBACK in arrival order), then dropped: not
+/// routed, not retained, and the connection stays up.
+///
+/// The router thread calls these for every packet: keep them cheap (no
+/// I/O, no locks shared with slow paths). Counting and logging refusals is
+/// the implementor's business.
+pub trait ConnectionAcl: Send + Sync + fmt::Debug {
+    /// May this connection publish `len` payload bytes on `topic`?
+    fn publish(&self, topic: &str, retain: bool, len: usize) -> Result<(), Denied>;
+    /// May this connection subscribe to `filter` (as sent, `$share/…`
+    /// included)?
+    fn subscribe(&self, filter: &str) -> Result<(), Denied>;
+    /// May this connection leave this last will? By default, what
+    /// [`publish`](Self::publish) says.
+    fn will(&self, topic: &str, retain: bool, len: usize) -> Result<(), Denied> {
+        self.publish(topic, retain, len)
+    }
+}
+
+/// Why a [`ConnectionAcl`] refused (for the router's own debug log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
+    pub reason: &'static str,
+}
+
+/// NeoPro patch 4: resolves the [`ConnectionAcl`] of a new connection from
+/// its client id (as the router will know it: assigned when the CONNECT's
+/// was empty) and its CONNECT username (empty without a login). `None`:
+/// the connection is unrestricted (upstream's behaviour).
+pub type Authorizer =
+    Arc<dyn Fn(&str, &str) -> Option<Arc<dyn ConnectionAcl>> + Send + Sync>;
+
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
     pub id: usize,
@@ -152,6 +193,10 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// NeoPro patch 4: per-connection topic ACLs (see [`ConnectionAcl`]);
+    /// `None` keeps upstream's "everything allowed".
+    #[serde(skip)]
+    pub authorizer: Option<Authorizer>,
 }
 
 impl ConnectionSettings {
@@ -166,6 +211,14 @@ impl ConnectionSettings {
             Box::pin(auth)
         }));
     }
+
+    /// NeoPro patch 4: installs the per-connection ACL resolver.
+    pub fn set_authorizer<F>(&mut self, authorizer: F)
+    where
+        F: Fn(&str, &str) -> Option<Arc<dyn ConnectionAcl>> + Send + Sync + 'static,
+    {
+        self.authorizer = Some(Arc::new(authorizer));
+    }
 }
 
 impl fmt::Debug for ConnectionSettings {
@@ -177,6 +230,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            .field("authorizer", &self.authorizer.is_some())
             .finish()
     }
 }

@@ -4,7 +4,7 @@ use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
 use crate::router::{Event, Notification};
-use crate::{ConnectionId, ConnectionSettings};
+use crate::{Authorizer, ConnectionAcl, ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::time::error::Elapsed;
 use tokio::{select, time};
-use tracing::{trace, Span};
+use tracing::{trace, warn, Span};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,6 +47,8 @@ pub enum Error {
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
     Link(#[from] LinkError),
+    #[error("Last will refused by the ACL ({0})")]
+    WillDenied(&'static str),
 }
 
 /// Orchestrates between Router and Network.
@@ -68,6 +70,7 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
+        acl: Option<Arc<dyn ConnectionAcl>>,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
             return Err(Error::NotConnectPacket(connect_packet));
@@ -100,6 +103,7 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            .acl(acl)
             .build()?;
 
         let id = link_rx.id();
@@ -222,6 +226,50 @@ where
     Ok(packet)
 }
 
+/// NeoPro patch 4: the connection's ACL, from `authorizer` (none when no
+/// authorizer is configured). A CONNECT whose last will the ACL refuses is
+/// answered with CONNACK "not authorized" (MQTT 3.1.1 return code 5) and
+/// ends here, before the router hears of it; a will topic that is not
+/// UTF-8 cannot be judged and is refused too.
+pub(crate) async fn authorize<P: Protocol>(
+    authorizer: Option<&Authorizer>,
+    network: &mut Network<P>,
+    connect_packet: &Packet,
+    client_id: &str,
+) -> Result<Option<Arc<dyn ConnectionAcl>>, Error> {
+    let Some(authorizer) = authorizer else {
+        return Ok(None);
+    };
+    let Packet::Connect(_, _, will, _, login) = connect_packet else {
+        return Err(Error::NotConnectPacket(connect_packet.clone()));
+    };
+    let username = login.as_ref().map_or("", |l| l.username.as_str());
+    let acl = authorizer(client_id, username);
+    if let (Some(acl), Some(will)) = (&acl, will) {
+        let verdict = match std::str::from_utf8(&will.topic) {
+            Ok(topic) => acl.will(topic, will.retain, will.message.len()),
+            Err(_) => Err(crate::Denied {
+                reason: "will topic is not UTF-8",
+            }),
+        };
+        if let Err(denied) = verdict {
+            warn!(
+                client_id,
+                username,
+                reason = denied.reason,
+                "CONNECT refused: last will not authorized"
+            );
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::NotAuthorized,
+            };
+            network.write(Packet::ConnAck(ack, None)).await?;
+            return Err(Error::WillDenied(denied.reason));
+        }
+    }
+    Ok(acl)
+}
+
 async fn handle_auth(
     config: Arc<ConnectionSettings>,
     login: Option<&Login>,
@@ -283,6 +331,7 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            authorizer: None,
         }
     }
 
@@ -366,6 +415,102 @@ mod tests {
 
         let r = handle_auth(Arc::new(cfg), Some(&login), "").await;
         assert!(r.is_err());
+    }
+
+    /// NeoPro patch 4: allows a will only on `a/will`.
+    #[derive(Debug)]
+    struct WillAcl;
+
+    impl crate::ConnectionAcl for WillAcl {
+        fn publish(&self, topic: &str, _retain: bool, _len: usize) -> Result<(), crate::Denied> {
+            if topic == "a/will" {
+                Ok(())
+            } else {
+                Err(crate::Denied { reason: "topic" })
+            }
+        }
+
+        fn subscribe(&self, _filter: &str) -> Result<(), crate::Denied> {
+            Ok(())
+        }
+    }
+
+    fn connect_with_will(topic: &'static str) -> crate::protocol::Packet {
+        use crate::protocol::{Connect, LastWill, Packet, QoS};
+        Packet::Connect(
+            Connect {
+                keep_alive: 30,
+                client_id: "box".to_owned(),
+                clean_session: true,
+            },
+            None,
+            Some(LastWill {
+                topic: topic.into(),
+                message: "offline".into(),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+            }),
+            None,
+            Some(login()),
+        )
+    }
+
+    #[tokio::test]
+    async fn acl_refuses_a_connect_whose_will_it_does_not_allow() {
+        use crate::link::network::Network;
+        use crate::protocol::v4::V4;
+        use tokio::io::AsyncReadExt;
+
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        let authorizer: crate::Authorizer = Arc::new(move |client_id: &str, username: &str| {
+            s.lock().unwrap().push(format!("{client_id} {username}"));
+            Some(Arc::new(WillAcl) as Arc<dyn crate::ConnectionAcl>)
+        });
+
+        // Refused: CONNACK with return code 5 (not authorized), then an error.
+        let (client, server) = tokio::io::duplex(1024);
+        let mut network = Network::new(Box::new(server), 1024, 10, V4);
+        let r = super::authorize(
+            Some(&authorizer),
+            &mut network,
+            &connect_with_will("b/will"),
+            "box",
+        )
+        .await;
+        assert!(matches!(r, Err(super::Error::WillDenied("topic"))), "{r:?}");
+        drop(network);
+        let mut bytes = Vec::new();
+        let mut client = client;
+        client.read_to_end(&mut bytes).await.unwrap();
+        assert_eq!(bytes, [0x20, 0x02, 0x00, 0x05]);
+
+        // Allowed: the ACL is handed on, nothing is written.
+        let (client, server) = tokio::io::duplex(1024);
+        let mut network = Network::new(Box::new(server), 1024, 10, V4);
+        let acl = super::authorize(
+            Some(&authorizer),
+            &mut network,
+            &connect_with_will("a/will"),
+            "box",
+        )
+        .await
+        .unwrap();
+        assert!(acl.is_some());
+        drop(network);
+        let mut bytes = Vec::new();
+        let mut client = client;
+        client.read_to_end(&mut bytes).await.unwrap();
+        assert!(bytes.is_empty());
+        assert_eq!(*seen.lock().unwrap(), ["box u", "box u"]);
+
+        // No authorizer: no ACL, whatever the will.
+        let (_client, server) = tokio::io::duplex(1024);
+        let mut network = Network::new(Box::new(server), 1024, 10, V4);
+        let acl = super::authorize(None, &mut network, &connect_with_will("b/will"), "box")
+            .await
+            .unwrap();
+        assert!(acl.is_none());
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@ use crate::protocol::LastWillProperties;
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::ConnectionEvents;
 
@@ -33,6 +34,9 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// NeoPro patch 4: what this connection may publish and subscribe to
+    /// (`None`: everything)
+    pub acl: Option<Arc<dyn crate::ConnectionAcl>>,
 }
 
 impl Connection {
@@ -66,6 +70,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            acl: None,
         }
     }
 
@@ -84,6 +89,12 @@ impl Connection {
     ) -> &mut Connection {
         self.last_will = will;
         self.last_will_properties = props;
+        self
+    }
+
+    /// NeoPro patch 4: restricts this connection to `acl`.
+    pub fn acl(&mut self, acl: Option<Arc<dyn crate::ConnectionAcl>>) -> &mut Connection {
+        self.acl = acl;
         self
     }
 }

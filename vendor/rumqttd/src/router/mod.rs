@@ -15,6 +15,8 @@ use crate::{
     ConnectionId, Filter, RouterId, Topic,
 };
 
+#[cfg(test)]
+mod acl_test;
 mod alertlog;
 mod connection;
 mod graveyard;

@@ -319,7 +319,26 @@ impl Router {
             // otherwise, just start new one
             saved_state.map_or_else(
                 || Tracker::new(client_id.clone()),
-                |session_state| {
+                |mut session_state| {
+                    // NeoPro patch 4: a saved subscription the ACL now in
+                    // force refuses (the account's rights changed) is not
+                    // restored.
+                    if let Some(acl) = &connection.acl {
+                        let refused: Vec<Filter> = session_state
+                            .subscriptions
+                            .iter()
+                            .filter(|f| acl.subscribe(f).is_err())
+                            .cloned()
+                            .collect();
+                        for f in &refused {
+                            warn!(filter = f, "Saved subscription refused by the ACL, dropped");
+                            session_state.subscriptions.remove(f);
+                        }
+                        session_state
+                            .tracker
+                            .data_requests
+                            .retain(|r| !refused.contains(&r.filter));
+                    }
                     connection.subscriptions = session_state.subscriptions;
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
@@ -623,12 +642,15 @@ impl Router {
                         &mut self.notifications,
                         &mut self.connections,
                     ) {
-                        Ok(_offset) => {
+                        Ok(Some(_offset)) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
                             new_data = true;
                         }
+                        // NeoPro patch 4: refused by the connection's ACL;
+                        // acknowledged above, dropped here.
+                        Ok(None) => {}
                         Err(e) => {
                             // Disconnect on bad publishes
                             error!(
@@ -664,6 +686,17 @@ impl Router {
 
                         info!("Adding subscription on topic {}", f.path);
                         let connection = self.connections.get_mut(id).unwrap();
+
+                        // NeoPro patch 4: a filter the ACL refuses gets
+                        // the failure return code (0x80 in MQTT 3.1.1);
+                        // the other filters of this SUBSCRIBE go on.
+                        if let Some(acl) = &connection.acl {
+                            if let Err(denied) = acl.subscribe(&f.path) {
+                                debug!(reason = denied.reason, "Subscription refused by the ACL");
+                                return_codes.push(SubscribeReasonCode::Failure);
+                                continue;
+                            }
+                        }
 
                         if let Err(e) = validate_subscription(connection, f) {
                             warn!(reason = ?e,"Subscription cannot be validated: {}", e);
@@ -834,12 +867,15 @@ impl Router {
                         &mut self.notifications,
                         &mut self.connections,
                     ) {
-                        Ok(_offset) => {
+                        Ok(Some(_offset)) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
                             new_data = true;
                         }
+                        // NeoPro patch 4: a QoS 2 publish the ACL refuses is
+                        // dropped at its PUBREL (PUBCOMP sent as usual).
+                        Ok(None) => {}
                         Err(e) => {
                             // Disconnect on bad publishes
                             error!(
@@ -1198,7 +1234,7 @@ fn append_to_commitlog(
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
-) -> Result<Offset, RouterError> {
+) -> Result<Option<Offset>, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
     let topic_alias = properties.as_mut().and_then(|p| {
@@ -1222,6 +1258,16 @@ fn append_to_commitlog(
     };
 
     let topic = std::str::from_utf8(&publish.topic)?;
+
+    // NeoPro patch 4: a publish the connection's ACL refuses goes no
+    // further: not routed, not retained (nor does its empty payload clear a
+    // retained message), no dynamic filter created for its topic.
+    if let Some(acl) = &connection.acl {
+        if let Err(denied) = acl.publish(topic, publish.retain, publish.payload.len()) {
+            debug!(topic, reason = denied.reason, "Publish refused by the ACL, dropped");
+            return Ok(None);
+        }
+    }
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
     #[cfg(feature = "validate-tenant-prefix")]
@@ -1271,7 +1317,7 @@ fn append_to_commitlog(
     }
 
     // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
-    Ok(o)
+    Ok(Some(o))
 }
 
 fn append_will_message(

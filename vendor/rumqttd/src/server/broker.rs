@@ -507,6 +507,7 @@ async fn remote<P: Protocol>(
     );
 
     let dynamic_filters = config.dynamic_filters;
+    let authorizer = config.authorizer.clone();
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
@@ -537,6 +538,23 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
+    // NeoPro patch 4: before the will bookkeeping below, so that a CONNECT
+    // refused here leaves no will handler behind.
+    let acl = match remote::authorize(
+        authorizer.as_ref(),
+        &mut network,
+        &connect_packet,
+        &client_id,
+    )
+    .await
+    {
+        Ok(acl) => acl,
+        Err(e) => {
+            info!(error=?e, "connection ended at the ACL check");
+            return;
+        }
+    };
+
     if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
@@ -560,6 +578,7 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
+        acl,
     )
     .await
     {
