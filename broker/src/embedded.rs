@@ -23,7 +23,15 @@
 //! subscribes (after a broker restart) lands in the one shared wildcard log
 //! instead of creating a log per site topic (`dynamic_filters`, which must
 //! stay on: without a matching filter rumqttd disconnects the publisher).
+//!
+//! With a credentials file, every connection gets the topic ACL of its
+//! account's role ([`crate::acl`], enforced by rumqttd's router: vendored
+//! patch 4), the role read from the [`Authenticator`] when the connection is
+//! set up, so a reload that changes a role applies to new connections.
+//! Anonymous mode (tests and the simulator, on loopback only: see
+//! [`BrokerSettings::validate`]) has no ACL at all.
 
+use crate::acl::Policy;
 use crate::auth::Authenticator;
 use crate::observe::{self, Observer};
 use crate::settings::{BrokerSettings, SegmentPlan};
@@ -91,9 +99,9 @@ impl EmbeddedBroker {
                 .as_ref()
                 .map(|w| resolve_port(w.listen))
                 .transpose()?;
-            let config = build_config(settings, auth.as_ref(), mqtt_addr, ws_addr);
-            let mut broker = rumqttd::Broker::new(config);
             let observer = Observer::new(settings);
+            let config = build_config(settings, auth.as_ref(), &observer, mqtt_addr, ws_addr);
+            let mut broker = rumqttd::Broker::new(config);
             let meters = broker.meters().context("rumqttd meters link")?;
             let alerts = broker.alerts().context("rumqttd alerts link")?;
             observe::spawn(Arc::clone(&observer), meters, alerts)?;
@@ -249,10 +257,12 @@ fn segment(p: SegmentPlan) -> SegmentConfig {
     }
 }
 
-/// The rumqttd configuration for these settings (ports resolved).
+/// The rumqttd configuration for these settings (ports resolved); with
+/// `auth`, each connection's topic ACL counts its refusals in `observer`.
 pub fn build_config(
     s: &BrokerSettings,
     auth: Option<&Arc<Authenticator>>,
+    observer: &Observer,
     mqtt: SocketAddr,
     ws: Option<SocketAddr>,
 ) -> Config {
@@ -276,16 +286,25 @@ pub fn build_config(
         ]),
         ..RouterConfig::default()
     };
+    let max_payload_size = s.limits.max_payload_size.max(schema::mqtt::MAX_PACKET_BYTES + 1024);
     let mut connections = ConnectionSettings {
         connection_timeout_ms: s.limits.connection_timeout_ms,
-        max_payload_size: s.limits.max_payload_size.max(schema::mqtt::MAX_PACKET_BYTES + 1024),
+        max_payload_size,
         max_inflight_count: s.limits.max_inflight_count,
         auth: None,
         external_auth: None,
         dynamic_filters: true,
+        authorizer: None,
     };
     if let Some(a) = auth {
         connections.set_auth_handler(a.handler());
+        let policy = Policy::new(&topics, max_payload_size, Arc::clone(&observer.acl_denied));
+        let a = Arc::clone(a);
+        connections.set_authorizer(move |client_id, username| {
+            let acl: Arc<dyn rumqttd::ConnectionAcl> =
+                Arc::new(policy.connection(client_id, username, a.role(username)));
+            Some(acl)
+        });
     }
     let server = |name: &str, listen: SocketAddr| ServerSettings {
         name: name.to_owned(),

@@ -2,6 +2,7 @@
 //!
 //! * [`settings`]: what an operator configures, and how the in-memory log is sized.
 //! * [`embedded`]: rumqttd in-process ([`EmbeddedBroker`]), for production, tests and the simulator.
+//! * [`acl`]: who may publish and subscribe to what, enforced by rumqttd's router.
 //! * [`credentials`], [`auth`]: re-exported from `runtime` (the accounts file, CONNECT checks).
 //! * [`mosquitto`]: the hosted path, a Mosquitto configuration with per-site ACLs.
 //! * [`app`]: the service (`/metrics`, `/healthz`, credentials reload).
@@ -9,6 +10,7 @@
 //! * [`tls_front`]: the TLS listener (handshake deadline) relaying to rumqttd.
 //! * [`observe`]: router meters and alerts to Prometheus and logs.
 
+pub mod acl;
 pub mod app;
 pub mod backlog;
 pub mod bench;

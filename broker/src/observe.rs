@@ -16,6 +16,7 @@
 //! | `neopro_broker_auth_success_total` | counter | accepted CONNECTs |
 //! | `neopro_broker_accounts` | gauge | accounts in the credentials file in force |
 //! | `neopro_broker_credentials_reloads_total{result}` | counter | reloads, `ok` / `error` |
+//! | `neopro_broker_acl_denied_total{reason}` | counter | packets the topic ACL refused (`acl.rs`): `publish_topic`, `publish_retain`, `publish_size`, `subscribe`, `will` |
 //!
 //! A cursor jump is logged at ERROR: it is the one event where the broker
 //! dropped messages a subscriber had not received. Nothing is lost for the
@@ -39,6 +40,8 @@ pub struct Observer {
     pub failed_publishes: AtomicU64,
     pub cursor_jumps: AtomicU64,
     pub bad_publishes: AtomicU64,
+    /// Refusals of the topic ACL, by reason (counted by `acl.rs`).
+    pub acl_denied: Arc<crate::acl::Denials>,
 }
 
 impl Observer {

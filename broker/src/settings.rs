@@ -24,8 +24,10 @@ pub struct BrokerSettings {
     pub credentials: Option<PathBuf>,
     /// Accept clients without checking any credentials. rumqttd cannot mix
     /// anonymous and authenticated clients on one listener, so this turns
-    /// authentication off entirely; it is refused together with
-    /// `credentials`.
+    /// authentication, and with it the topic ACL (`acl.rs`), off entirely;
+    /// it is refused together with `credentials`, and with any listener
+    /// (plain, TLS, websocket) outside loopback: anonymous mode is for tests
+    /// and the simulator on one host.
     pub allow_anonymous: bool,
     /// Prometheus `/metrics` and `/healthz`.
     pub http_addr: SocketAddr,
@@ -94,6 +96,19 @@ impl BrokerSettings {
                  --allow-anonymous for a closed test network"
             ),
             _ => {}
+        }
+        if self.allow_anonymous {
+            let listeners = std::iter::once(("listen", self.listen))
+                .chain(self.tls.as_ref().map(|t| ("tls.listen", t.listen)))
+                .chain(self.websocket.as_ref().map(|w| ("websocket.listen", w.listen)));
+            for (name, addr) in listeners {
+                anyhow::ensure!(
+                    addr.ip().is_loopback(),
+                    "--allow-anonymous needs every listener on loopback, but {name} is {addr}: anonymous \
+                     mode has no authentication and no topic ACL (any client could read and forge every \
+                     site's traffic); pass --credentials FILE, or listen on 127.0.0.1"
+                );
+            }
         }
         schema::mqtt::Topics::new(self.topic_prefix.clone()).map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.log.segments >= 1, "log.segments must be at least 1");
@@ -287,7 +302,25 @@ mod tests {
         let mut s = BrokerSettings::default();
         assert!(s.validate().is_err(), "no credentials and no anonymous");
         s.allow_anonymous = true;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("listen is 0.0.0.0:1883"), "anonymous off loopback: {e}");
+        s.listen = "127.0.0.1:1883".parse().unwrap();
         s.validate().unwrap();
+        s.websocket = Some(WebsocketSettings {
+            listen: default_ws_listen(),
+        });
+        assert!(s.validate().is_err(), "anonymous websocket off loopback");
+        s.websocket = Some(WebsocketSettings {
+            listen: "[::1]:8080".parse().unwrap(),
+        });
+        s.validate().unwrap();
+        s.tls = Some(TlsSettings {
+            listen: default_tls_listen(),
+            cert: "/c".into(),
+            key: "/k".into(),
+        });
+        assert!(s.validate().is_err(), "anonymous TLS off loopback");
+        s.tls = None;
         s.credentials = Some("/x".into());
         assert!(s.validate().is_err(), "both");
         assert!(BrokerSettings::default().limits.max_payload_size > schema::mqtt::MAX_PACKET_BYTES);
