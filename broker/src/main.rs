@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use broker::app::App;
-use broker::credentials::Credentials;
+use broker::credentials::{Credentials, Role};
 use broker::mosquitto::{self, MosquittoOptions};
 use broker::settings::{default_tls_listen, BrokerSettings};
 use clap::{Parser, Subcommand};
@@ -75,6 +75,13 @@ enum Command {
         /// Remove the account instead.
         #[arg(long)]
         delete: bool,
+        /// What the account may do on the broker: `site` (its own site's
+        /// topics), `ingestor` (every site's impressions and status, writes
+        /// receipts) or `observer` (reads everything under the prefix,
+        /// writes nothing). Default: the account's current role; for a new
+        /// account `site`, or `ingestor` for the account named `ingestor`.
+        #[arg(long, value_parser = parse_role, conflicts_with = "delete")]
+        role: Option<Role>,
     },
     /// Write a Mosquitto 2.0 configuration (passwd, acl, mosquitto.conf)
     /// from the credentials file.
@@ -159,7 +166,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => serve(cli.run),
         Some(Command::Run(args)) => serve(args),
-        Some(Command::Passwd { file, user, delete }) => passwd(&file, &user, delete),
+        Some(Command::Passwd {
+            file,
+            user,
+            delete,
+            role,
+        }) => passwd(&file, &user, delete, role),
         Some(Command::MosquittoConfig {
             credentials,
             out,
@@ -271,7 +283,11 @@ fn serve(args: RunArgs) -> anyhow::Result<()> {
     std::process::exit(0);
 }
 
-fn passwd(file: &std::path::Path, user: &str, delete: bool) -> anyhow::Result<()> {
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s)
+}
+
+fn passwd(file: &std::path::Path, user: &str, delete: bool, role: Option<Role>) -> anyhow::Result<()> {
     let mut creds = Credentials::load_or_empty(file)?;
     if delete {
         anyhow::ensure!(creds.remove(user), "no account '{user}' in {}", file.display());
@@ -294,10 +310,14 @@ fn passwd(file: &std::path::Path, user: &str, delete: bool) -> anyhow::Result<()
         let line = s.lines().next().unwrap_or_default().to_owned();
         line
     };
-    let existed = creds.set_password(user, &password)?;
+    let existed = match role {
+        Some(r) => creds.set_password_with_role(user, &password, r)?,
+        None => creds.set_password(user, &password)?,
+    };
     creds.save(file)?;
+    let role = creds.get(user).map_or(Role::Site, |e| e.role);
     eprintln!(
-        "{} '{user}' in {} (reload: SIGHUP or wait for the file watch)",
+        "{} '{user}' (role {role}) in {} (reload: SIGHUP or wait for the file watch)",
         if existed { "changed" } else { "added" },
         file.display()
     );
