@@ -6,7 +6,9 @@
 //! rollup of exactly the new rows, dead letters for what is refused),
 //! publishes a [`schema::Receipt`] per envelope after the commit, and only
 //! then acknowledges the messages, in arrival order. It also serves the seed's
-//! central `POST /api/analytics/impressions` through the same write path.
+//! central `POST /api/analytics/impressions` through the same write path,
+//! authenticated with the broker's accounts file (`--credentials`, HTTP
+//! Basic `site:password`; see [`http`]).
 //!
 //! Library shape (the binary and the simulator embed the same thing):
 //!
@@ -71,6 +73,7 @@ pub struct App {
     http_addr: SocketAddr,
     pool: PgPool,
     health: Arc<Health>,
+    auth: http::LegacyAuth,
 }
 
 impl App {
@@ -82,7 +85,18 @@ impl App {
         let http_addr = listener.local_addr()?;
         // One connection per writer, plus the HTTP endpoint and maintenance.
         let pool = runtime::db::connect_lazy(&settings.database_url, (settings.writers + 3) as u32)?;
+        let accounts = match &settings.credentials {
+            Some(path) => Some(
+                runtime::auth::Authenticator::load(path)
+                    .with_context(|| format!("loading the credentials file {}", path.display()))?,
+            ),
+            None => None,
+        };
         Ok(App {
+            auth: http::LegacyAuth {
+                accounts,
+                unauthenticated: settings.legacy_http_unauthenticated,
+            },
             settings: Arc::new(settings),
             listener,
             http_addr,
@@ -118,15 +132,25 @@ impl App {
             http_addr,
             pool,
             health,
+            auth,
         } = self;
         tracing::info!(%http_addr, "HTTP listening");
+        let watcher = auth.accounts.clone().map(|a| {
+            tokio::spawn(http::watch_credentials(
+                a,
+                settings.credentials_poll_secs,
+                shutdown.clone(),
+            ))
+        });
         let router = http::router(
             pool.clone(),
             health.clone(),
             settings.http_body_limit_bytes,
             settings.mqtt_enabled,
             settings.insert_method,
+            auth.clone(),
         );
+        auth.announce();
         let http_stop = CancellationToken::new();
         let http = tokio::spawn(runtime::http::serve(listener, router, http_stop.clone()));
 
@@ -158,6 +182,9 @@ impl App {
             Ok(())
         };
         maintenance.abort();
+        if let Some(w) = watcher {
+            w.abort();
+        }
         http_stop.cancel();
         match http.await {
             Ok(Ok(())) => {}

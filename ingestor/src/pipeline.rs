@@ -30,6 +30,22 @@
 //! (`pending`, a queue of messages in arrival order, each marked done when its
 //! batch commits).
 //!
+//! ## No message wedges the session
+//!
+//! The subscription is `{prefix}/sites/+/impressions` only. Whatever arrives
+//! that cannot be used takes its place in the reorder buffer like any other
+//! message, so it is acknowledged in arrival order and never holds back what
+//! follows: not JSON, an unknown version, oversized (above
+//! `max_envelope_bytes`), retained, an impressions topic whose site is not
+//! topic-safe: dead-lettered with its reason and counted
+//! (`ingestor_rejected_total{reason}`); on a topic that is not an impressions
+//! topic (another subscription of the persistent session): acked at once
+//! and counted (`ingestor_messages_ignored_total`). What a refused message
+//! gets as a receipt is decided in [`crate::decode`]. The connection itself
+//! breaks only on a packet above `max_incoming_packet_bytes` (16 MiB), far
+//! above what any broker we configure forwards (see
+//! [`Settings::max_incoming_packet_bytes`]).
+//!
 //! The broker's own inflight window bounds how many unacked messages we hold
 //! (Mosquitto: 20 by default, `max_inflight_messages`; our broker: 400,
 //! `limits.max_outgoing_inflight`), so memory is bounded without
@@ -178,22 +194,27 @@ async fn run_subscriber(
                             msg_no += 1;
                             metrics::counter!("ingestor_messages_received_total").increment(1);
                             health.received.fetch_add(1, Ordering::Relaxed);
-                            pending.push_back(PendingAck {
-                                msg_no,
-                                generation,
-                                pkid: p.pkid,
-                                qos: p.qos,
-                                done: false,
-                            });
-                            let d = decode::decode_message(&topics, &p.topic, &p.payload, settings.max_envelope_bytes, Utc::now());
+                            let d = decode::decode_message(&topics, &p.topic, &p.payload, p.retain, settings.max_envelope_bytes, Utc::now());
                             if let Some(code) = d.refusal_code() {
                                 metrics::counter!("ingestor_rejected_total", "reason" => code).increment(1);
                             }
-                            let n = d.row_count();
-                            let b = open.get_or_insert_with(|| OpenBatch { msgs: Vec::new(), msg_nos: Vec::new(), rows: 0, opened: Instant::now() });
-                            b.msgs.push(d);
-                            b.msg_nos.push(msg_no);
-                            b.rows += n;
+                            if let Some(reason) = d.withheld() {
+                                metrics::counter!("ingestor_receipts_withheld_total", "reason" => reason).increment(1);
+                            }
+                            // A message with nothing to write is done at
+                            // once: acked in its turn, without a batch.
+                            let ignored = d.is_ignored();
+                            pending.push_back(PendingAck { msg_no, generation, pkid: p.pkid, qos: p.qos, done: ignored });
+                            if ignored {
+                                metrics::counter!("ingestor_messages_ignored_total").increment(1);
+                                tracing::debug!(topic = %p.topic, "not an impressions topic; acked");
+                            } else {
+                                let n = d.row_count();
+                                let b = open.get_or_insert_with(|| OpenBatch { msgs: Vec::new(), msg_nos: Vec::new(), rows: 0, opened: Instant::now() });
+                                b.msgs.push(d);
+                                b.msg_nos.push(msg_no);
+                                b.rows += n;
+                            }
                         }
                     }
                     Ok(Event::Incoming(Incoming::SubAck(s))) => {

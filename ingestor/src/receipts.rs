@@ -11,6 +11,12 @@
 //! the embedded broker's client-id rule and a username-based Mosquitto ACL
 //! both accept), acks never wait for a receipt.
 //!
+//! Its account: by default the subscribing connection's (`mqtt_url`). A
+//! Mosquitto that binds client ids to usernames (`use_username_as_clientid`)
+//! gives both connections of one account the same client id, so each would
+//! take the other's session; there the receipts connection gets an account of
+//! its own with `receipts_mqtt_url` (client id `{username}:receipts`).
+//!
 //! Losing a receipt is safe: the edge republishes what stays unconfirmed
 //! after its timeout, the database absorbs the duplicate, and a new receipt
 //! is sent. So this connection uses a clean session and no disk.
@@ -37,11 +43,13 @@ pub struct ReceiptPublisher {
 impl ReceiptPublisher {
     /// Connects (in the background, with backoff) and starts publishing.
     pub fn start(settings: &Settings) -> anyhow::Result<Self> {
-        let mut copts = runtime::mqtt::ClientOptions::new(format!("{}:receipts", settings.client_id));
+        let (url, client_id) = connection(settings);
+        tracing::info!(broker = %url, %client_id, "receipts connection starting");
+        let mut copts = runtime::mqtt::ClientOptions::new(client_id);
         copts.clean_session = true;
         copts.keep_alive = Duration::from_secs(settings.mqtt_keep_alive_secs.max(5));
         copts.request_channel_capacity = 1024;
-        let (client, mut eventloop) = runtime::mqtt::client(&settings.mqtt_url, &copts, |_| {})?;
+        let (client, mut eventloop) = runtime::mqtt::client(url, &copts, |_| {})?;
         let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(100_000);
         let closing = Arc::new(AtomicBool::new(false));
 
@@ -81,6 +89,7 @@ impl ReceiptPublisher {
         Ok(Self { tx, task })
     }
 
+    /// The queue to hand receipts to.
     pub fn sender(&self) -> ReceiptTx {
         self.tx.clone()
     }
@@ -91,5 +100,42 @@ impl ReceiptPublisher {
         if tokio::time::timeout(deadline, self.task).await.is_err() {
             tracing::warn!("receipts still queued at the deadline; edges will resend and get new ones");
         }
+    }
+}
+
+/// The broker URL and client id of the receipts connection.
+pub fn connection(settings: &Settings) -> (&runtime::mqtt::MqttUrl, String) {
+    match &settings.receipts_mqtt_url {
+        Some(url) => {
+            let owner = url.username.as_deref().unwrap_or(&settings.client_id);
+            (url, format!("{owner}:receipts"))
+        }
+        None => (&settings.mqtt_url, format!("{}:receipts", settings.client_id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_use_the_main_account_unless_given_their_own() {
+        let mut s = Settings::default();
+        s.mqtt_url = "mqtt://ingestor:pw@broker:1883".parse().unwrap();
+        let (url, id) = connection(&s);
+        assert_eq!(
+            (url.username.as_deref(), id.as_str()),
+            (Some("ingestor"), "ingestor:receipts")
+        );
+
+        s.receipts_mqtt_url = Some("mqtt://ingestor-receipts:pw2@broker:1883".parse().unwrap());
+        let (url, id) = connection(&s);
+        assert_eq!(
+            (url.username.as_deref(), id.as_str()),
+            (Some("ingestor-receipts"), "ingestor-receipts:receipts")
+        );
+
+        s.receipts_mqtt_url = Some("mqtt://broker:1883".parse().unwrap());
+        assert_eq!(connection(&s).1, "ingestor:receipts");
     }
 }

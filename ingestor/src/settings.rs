@@ -26,6 +26,13 @@ pub struct Settings {
     pub database_url: String,
     /// Broker URL (`mqtt://user:pass@host:port`, `mqtts://` for TLS).
     pub mqtt_url: MqttUrl,
+    /// Broker URL of the receipts connection (`crate::receipts`), when it
+    /// needs an account of its own: on a Mosquitto that binds client ids to
+    /// usernames (`use_username_as_clientid`), two connections of one account
+    /// take each other's session. Unset: `mqtt_url`, same credentials. With
+    /// a username here, the connection's client id is `{username}:receipts`
+    /// (the embedded broker's client-id rule); without, `{client_id}:receipts`.
+    pub receipts_mqtt_url: Option<MqttUrl>,
     /// HTTP listen address (`/healthz`, `/readyz`, `/metrics`, the legacy API).
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
@@ -35,8 +42,15 @@ pub struct Settings {
     /// Topic prefix: we subscribe `{prefix}/sites/+/impressions`.
     pub topic_prefix: String,
     pub mqtt_keep_alive_secs: u64,
-    /// Largest MQTT packet accepted from the broker. Above the envelope limit
-    /// on purpose: an oversized envelope is dead-lettered, not a broken connection.
+    /// Largest MQTT packet accepted from the broker (16 MiB). Above the
+    /// envelope limit on purpose: an oversized envelope is dead-lettered, not
+    /// a broken connection (which, the message being redelivered, would wedge
+    /// the persistent session). It must stay above the largest packet any
+    /// broker we run forwards: the embedded broker and the generated
+    /// Mosquitto configuration accept `schema::mqtt::MAX_PACKET_BYTES` +
+    /// 64 KiB (1,114,112 bytes); a Mosquitto left at its default (no limit)
+    /// would forward up to 256 MiB, and a message above this limit would
+    /// then break the connection at every redelivery.
     pub max_incoming_packet_bytes: usize,
     /// Largest envelope accepted; larger ones are dead-lettered (`oversized`).
     pub max_envelope_bytes: usize,
@@ -71,8 +85,24 @@ pub struct Settings {
     pub migrate: bool,
     /// Monthly partitions created ahead (at start and daily).
     pub partitions_ahead_months: i32,
-    /// Largest HTTP body accepted by `POST /api/analytics/impressions` (413 above).
+    /// Largest HTTP body accepted by `POST /api/analytics/impressions` (413
+    /// above); 1 MiB, the MQTT packet limit (the seed's sync agent sends 100
+    /// records per flush, about 30 KB).
     pub http_body_limit_bytes: usize,
+    /// The accounts file (`runtime::credentials`, the broker's format):
+    /// `POST /api/analytics/impressions` requires HTTP Basic `site:password`
+    /// of a site account, the same password as its broker account. Re-read
+    /// on SIGHUP and when its content changes.
+    pub credentials: Option<PathBuf>,
+    /// How often the credentials file is checked for changes, in seconds
+    /// (0: only on SIGHUP).
+    pub credentials_poll_secs: u64,
+    /// Also accept `POST /api/analytics/impressions` without credentials, as
+    /// the seed's sync agents send it (site from `X-Site-Id` or the body):
+    /// an explicit opt-in for the migration, logged at WARN at start and
+    /// shown as the gauge `ingestor_legacy_http_unauthenticated`. With
+    /// neither this nor `credentials` the endpoint answers 401 to every POST.
+    pub legacy_http_unauthenticated: bool,
     /// Seconds allowed for the drain at shutdown.
     pub drain_deadline_secs: u64,
     /// Run the MQTT pipeline (off: HTTP endpoint only).
@@ -93,6 +123,7 @@ impl Default for Settings {
         Self {
             database_url: runtime::db::DEFAULT_DATABASE_URL.to_owned(),
             mqtt_url: "mqtt://127.0.0.1:1883".parse().expect("static URL"),
+            receipts_mqtt_url: None,
             http_addr: "0.0.0.0:8080".parse().expect("static address"),
             log_format: LogFormat::Human,
             client_id: "ingestor".into(),
@@ -110,7 +141,10 @@ impl Default for Settings {
             retry_max_ms: 10_000,
             migrate: true,
             partitions_ahead_months: 3,
-            http_body_limit_bytes: 16 * 1024 * 1024,
+            http_body_limit_bytes: 1024 * 1024,
+            credentials: None,
+            credentials_poll_secs: 2,
+            legacy_http_unauthenticated: false,
             drain_deadline_secs: 20,
             mqtt_enabled: true,
             rollup_fold_interval_ms: 1000,
@@ -153,6 +187,20 @@ pub struct CommonArgs {
     /// Broker URL, mqtt://user:pass@host:port or mqtts://... [default: mqtt://127.0.0.1:1883].
     #[arg(long, global = true, env = "NEOPRO_MQTT_URL", hide_env_values = true)]
     pub mqtt_url: Option<String>,
+    /// Broker URL of the receipts connection, when it needs its own account
+    /// [default: the --mqtt-url, same credentials].
+    #[arg(long, global = true, env = "NEOPRO_RECEIPTS_MQTT_URL", hide_env_values = true)]
+    pub receipts_mqtt_url: Option<String>,
+    /// Accounts file (the broker's format): POST /api/analytics/impressions
+    /// requires HTTP Basic site:password of a site account; reloaded on
+    /// SIGHUP and when it changes.
+    #[arg(long, global = true, env = "NEOPRO_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Also accept POST /api/analytics/impressions without credentials (the
+    /// seed's sync agents, during the migration; logged at WARN).
+    #[arg(long, global = true, env = "NEOPRO_LEGACY_HTTP_UNAUTHENTICATED",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub legacy_http_unauthenticated: bool,
     /// HTTP listen address [default: 0.0.0.0:8080].
     #[arg(long, global = true, env = "NEOPRO_HTTP_ADDR")]
     pub http_addr: Option<String>,
@@ -199,6 +247,15 @@ impl Cli {
         let overrides: Vec<(&str, Option<String>)> = vec![
             ("database_url", c.database_url.clone()),
             ("mqtt_url", c.mqtt_url.clone()),
+            ("receipts_mqtt_url", c.receipts_mqtt_url.clone()),
+            (
+                "credentials",
+                c.credentials.as_ref().map(|p| p.to_string_lossy().into_owned()),
+            ),
+            (
+                "legacy_http_unauthenticated",
+                c.legacy_http_unauthenticated.then(|| "true".to_owned()),
+            ),
             ("http_addr", c.http_addr.clone()),
             ("log_format", c.log_format.clone()),
             ("client_id", c.client_id.clone()),
@@ -252,6 +309,9 @@ impl std::fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("database_url", &redact_url(&self.database_url))
             .field("mqtt_url", &self.mqtt_url)
+            .field("receipts_mqtt_url", &self.receipts_mqtt_url)
+            .field("credentials", &self.credentials)
+            .field("legacy_http_unauthenticated", &self.legacy_http_unauthenticated)
             .field("http_addr", &self.http_addr)
             .field("log_format", &self.log_format)
             .field("client_id", &self.client_id)

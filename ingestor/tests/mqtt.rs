@@ -18,7 +18,23 @@ on_both_brokers!(
     bad_payloads_are_dead_lettered_while_valid_traffic_flows,
     postgres_connections_killed_mid_stream_every_impression_lands_once,
     shutdown_drains_the_open_batch,
+    forged_ranges_are_never_receipted_beyond_what_was_carried,
 );
+
+/// The embedded broker refuses packets above `MAX_PACKET_BYTES` + 64 KiB;
+/// the local Mosquitto (default configuration) takes a 2 MiB one.
+mod messages_that_cannot_be_used_never_wedge_the_session {
+    #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+    async fn mosquitto(pool: sqlx::PgPool) {
+        super::messages_that_cannot_be_used_never_wedge_the_session(pool, crate::common::MOSQUITTO.to_owned(), true)
+            .await
+    }
+    #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+    async fn embedded(pool: sqlx::PgPool) {
+        super::messages_that_cannot_be_used_never_wedge_the_session(pool, crate::common::embedded_broker_url(), false)
+            .await
+    }
+}
 
 async fn valid_batches_land_once_and_each_duplicate_publish_gets_a_receipt(pool: PgPool, broker: String) {
     let topics = unique_topics();
@@ -267,5 +283,271 @@ async fn shutdown_drains_the_open_batch(pool: PgPool, broker: String) {
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     assert_eq!(again.health.received.load(std::sync::atomic::Ordering::Relaxed), 0);
     again.stop().await;
+    forget_session(&broker, &cid).await;
+}
+
+/// A publisher whose packets may be far larger than an envelope (the
+/// edge's own client caps them at the MQTT packet limit).
+async fn big_publisher(broker: &str) -> (rumqttc::AsyncClient, tokio::task::JoinHandle<()>) {
+    let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+    let o = runtime::mqtt::ClientOptions::new(format!("big-{}", Uuid::new_v4().simple()));
+    let mut opts = url.options(&o).unwrap();
+    opts.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
+    let task = tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    });
+    (client, task)
+}
+
+/// Publishes at QoS 1 and waits for the broker's PUBACK (or the connection
+/// to fail): a message the broker took is on its way to the ingestor.
+async fn publish_acked(broker: &str, topic: String, payload: Vec<u8>, retain: bool) -> bool {
+    let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+    let o = runtime::mqtt::ClientOptions::new(format!("pub-{}", Uuid::new_v4().simple()));
+    let mut opts = url.options(&o).unwrap();
+    opts.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+        .await
+        .unwrap();
+    let acked = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), el.poll()).await;
+    acked
+}
+
+/// An envelope padded with an unknown field to exactly `size` bytes.
+fn padded_envelope(site: &str, outbox: Uuid, first: i64, n: usize, size: usize) -> (schema::BatchEnvelope, Vec<u8>) {
+    let env = envelope(site, outbox, first, n);
+    let mut v = serde_json::to_value(&env).unwrap();
+    v["pad"] = serde_json::json!("");
+    let bare = serde_json::to_vec(&v).unwrap().len();
+    assert!(bare < size);
+    v["pad"] = serde_json::json!("x".repeat(size - bare));
+    let bytes = serde_json::to_vec(&v).unwrap();
+    assert_eq!(bytes.len(), size);
+    (env, bytes)
+}
+
+async fn messages_that_cannot_be_used_never_wedge_the_session(pool: PgPool, broker: String, takes_2_mib: bool) {
+    let topics = unique_topics();
+    let cid = unique_client_id();
+    // The ingestor's persistent session also holds a status subscription (as
+    // a later build or an operator could leave), so a message of another
+    // topic reaches it.
+    let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+    {
+        let mut o = runtime::mqtt::ClientOptions::new(cid.clone());
+        o.clean_session = false;
+        o.manual_acks = true;
+        let (client, mut el) = rumqttc::AsyncClient::new(url.options(&o).unwrap(), 10);
+        for kind in [schema::TopicKind::Impressions, schema::TopicKind::Status] {
+            client
+                .subscribe(topics.all_sites(kind), rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let mut acks = 0;
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Incoming::SubAck(_))) => {
+                        acks += 1;
+                        if acks == 2 {
+                            let _ = client.disconnect().await;
+                        }
+                    }
+                    Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("session created");
+    }
+    // A retained envelope, there before the ingestor subscribes.
+    let retained = envelope("club-1", Uuid::now_v7(), 900, 2);
+    assert!(publish_acked(&broker, topics.impressions("club-1"), retained.encode(), true).await);
+
+    let app = start(settings(&pool, &broker, &topics, &cid).await).await;
+    let mut edge = Edge::connect(&broker, &topics).await;
+    let (big, _big_task) = big_publisher(&broker).await;
+    let outbox = Uuid::now_v7();
+
+    let first = envelope("club-1", outbox, 1, 5);
+    edge.publish(&first).await;
+    // 1,060,000 bytes: under the brokers' packet limit, above the envelope limit.
+    let (oversized, bytes) = padded_envelope("club-1", outbox, 6, 3, 1_060_000);
+    big.publish(topics.impressions("club-1"), rumqttc::QoS::AtLeastOnce, false, bytes)
+        .await
+        .unwrap();
+    // 2 MiB: on a connection of its own, the embedded broker closes it.
+    let (_, two_mib) = padded_envelope("club-1", outbox, 9, 1, 2 << 20);
+    let took_2_mib = publish_acked(&broker, topics.impressions("club-1"), two_mib, false).await;
+    assert_eq!(took_2_mib, takes_2_mib, "whether this broker takes a 2 MiB packet");
+    // Garbage, a site that is not topic-safe, another topic.
+    edge.publish_raw("club-1", b"\x00\xff garbage \xfe".to_vec()).await;
+    edge.client
+        .publish(
+            format!("{}/sites/bad site/impressions", topics.prefix()),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            first.encode(),
+        )
+        .await
+        .unwrap();
+    edge.client
+        .publish(
+            topics.status("club-1"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    let next = envelope("club-1", outbox, 10, 5);
+    edge.publish(&next).await;
+
+    let r = edge
+        .receipts_for(&[first.batch_id, oversized.batch_id, next.batch_id])
+        .await;
+    assert_eq!(r[&first.batch_id][0].inserted, 5);
+    assert_eq!(r[&next.batch_id][0].inserted, 5, "the next good envelope is stored");
+    assert_eq!(
+        r[&oversized.batch_id][0].rejected_range,
+        Some(oversized.seq),
+        "an honest oversized envelope is settled by its range"
+    );
+    assert!(r[&oversized.batch_id][0].rejected[0].reason.starts_with("oversized"));
+
+    let mut expected: Vec<(&str, i64)> = vec![("oversized", 1), ("malformed_json", 1), ("invalid_topic", 1)];
+    if takes_2_mib {
+        expected[0].1 = 2;
+    }
+    let total: i64 = expected.iter().map(|e| e.1).sum::<i64>();
+    // The retained copy: Mosquitto flags it on delivery (dead-lettered);
+    // a broker that does not flag it delivers it as an envelope (stored).
+    let n_retained = wait_count(
+        &pool,
+        "SELECT (SELECT count(*) FROM impressions_rejected WHERE reason_code = 'retained') \
+              + (SELECT count(*) FROM sponsor_impressions WHERE seq >= 900)",
+        1,
+    )
+    .await;
+    assert!(n_retained >= 1, "the retained message was taken");
+    let retained_dead = count(
+        &pool,
+        "SELECT count(*) FROM impressions_rejected WHERE reason_code = 'retained'",
+    )
+    .await;
+    assert_eq!(
+        wait_count(&pool, DEAD, total + retained_dead).await,
+        total + retained_dead
+    );
+    for (code, n) in &expected {
+        let got: i64 = sqlx::query_scalar("SELECT count(*) FROM impressions_rejected WHERE reason_code = $1")
+            .bind(code)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(got, *n, "{code}");
+    }
+    let sizes: Vec<i64> = sqlx::query_scalar(
+        "SELECT octet_length(payload)::int8 FROM impressions_rejected WHERE reason_code = 'oversized' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(sizes[0], 1_060_000, "raw bytes kept");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM sponsor_impressions WHERE seq < 900").await,
+        10,
+        "the good envelopes only"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM sponsor_impressions WHERE seq BETWEEN 6 AND 9"
+        )
+        .await,
+        0
+    );
+
+    // Everything was acknowledged: the same session gets nothing redelivered.
+    app.stop().await;
+    let again = start(settings(&pool, &broker, &topics, &cid).await).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert_eq!(again.health.received.load(std::sync::atomic::Ordering::Relaxed), 0);
+    again.stop().await;
+    // Clear the retained message from the shared broker.
+    assert!(publish_acked(&broker, topics.impressions("club-1"), Vec::new(), true).await);
+    forget_session(&broker, &cid).await;
+}
+
+/// The attack: a forged envelope on club-b's topic, with club-b's outbox id,
+/// an unknown version and the whole seq space as its range. Club-b's edge
+/// gets a receipt that settles only the seq the forgery carried, never its
+/// in-flight plays.
+async fn forged_ranges_are_never_receipted_beyond_what_was_carried(pool: PgPool, broker: String) {
+    let topics = unique_topics();
+    let cid = unique_client_id();
+    let app = start(settings(&pool, &broker, &topics, &cid).await).await;
+    let mut edge = Edge::connect(&broker, &topics).await;
+    let victim_outbox = Uuid::now_v7();
+    let victim = envelope("club-b", victim_outbox, 1, 50);
+
+    let mut forged = serde_json::to_value(envelope("club-b", victim_outbox, 7, 1)).unwrap();
+    forged["v"] = serde_json::json!(2);
+    forged["seq"] = serde_json::json!({"first": i64::MIN, "last": i64::MAX});
+    let forged_batch: Uuid = serde_json::from_value(forged["batch_id"].clone()).unwrap();
+    edge.publish_raw("club-b", serde_json::to_vec(&forged).unwrap()).await;
+    // The same forgery whose one impression has no seq: nothing to settle.
+    let mut blind = forged.clone();
+    let blind_batch = Uuid::now_v7();
+    blind["batch_id"] = serde_json::json!(blind_batch);
+    blind["impressions"][0].as_object_mut().unwrap().remove("seq");
+    edge.publish_raw("club-b", serde_json::to_vec(&blind).unwrap()).await;
+    edge.publish(&victim).await;
+
+    let r = edge.receipts_for(&[forged_batch, victim.batch_id]).await;
+    let f = &r[&forged_batch][0];
+    assert_eq!(f.rejected_range, None);
+    for seq in 1..=50 {
+        assert_eq!(f.settles(seq), seq == 7, "seq {seq}");
+    }
+    assert!(!f.settles(i64::MIN) && !f.settles(i64::MAX));
+    // The victim's plays: every one stored, id by id.
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT impression_id FROM sponsor_impressions WHERE site_id = 'club-b'")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    for imp in &victim.impressions {
+        assert!(ids.contains(&imp.impression_id), "{} stored", imp.impression_id);
+    }
+    assert_eq!(ids.len(), 50);
+    // Both forgeries dead-lettered; the blind one got no receipt at all.
+    assert_eq!(wait_count(&pool, DEAD, 2).await, 2);
+    app.stop().await;
+    let late: Vec<_> = std::iter::from_fn(|| edge.receipts.try_recv().ok()).collect();
+    assert!(
+        !r.contains_key(&blind_batch) && late.iter().all(|r| r.batch_id != blind_batch),
+        "no receipt for the forgery without a readable seq"
+    );
     forget_session(&broker, &cid).await;
 }
