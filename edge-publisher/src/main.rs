@@ -32,7 +32,7 @@ struct Cli {
     #[arg(long, global = true, env = "NEOPRO_TOPIC_PREFIX")]
     topic_prefix: Option<String>,
     /// Origins allowed to call the HTTP API from a browser, comma-separated:
-    /// scheme://host[:port], or scheme://host:* for any port
+    /// scheme://host, scheme://host:port, or scheme://host:* for any port
     /// (default http://localhost:*,http://neopro.local:*).
     #[arg(long, global = true, env = "NEOPRO_EDGE_CORS_ORIGINS")]
     cors_origins: Option<String>,

@@ -32,17 +32,51 @@
 //! # In-flight rows live in memory
 //!
 //! A claim (rows taken into an envelope) writes nothing to the file: the
-//! writer thread records it as runs of seqs ([`Writer::inflight`]), and the
-//! next claim reads only the gaps between those runs. Publishing used to
-//! rewrite every row once at claim and once more at its deletion; now a row
-//! costs one insert and one delete, and a receipt that names every stored row
-//! (a caught-up box, the usual case) empties the table with a bare `DELETE`,
-//! which SQLite executes by releasing pages instead of rewriting them. On a
-//! Pi's SD card that is half the writes per impression or less. Nothing is
-//! lost by keeping the claim in memory: in-flight state never survived a
+//! writer thread records it as runs of seqs under the envelope's batch id
+//! ([`Writer::inflight`]), and the next claim reads only the gaps between
+//! those runs. A row costs the file one insert and one delete. Nothing is
+//! lost by keeping the claim in memory: in-flight state never survives a
 //! restart (invariant 4), and a requeue, the path of a publish that went
 //! unconfirmed, is where the file records it (`attempts`, `batch_id`,
 //! `published_at`), so rows that keep failing are visible to an operator.
+//!
+//! # Receipts settle runs of their own batch
+//!
+//! A receipt comes from the network, and anyone able to publish on the
+//! box's receipts topic can write one (the outbox id is in every envelope).
+//! So the only way to delete rows is [`Outbox::settle_batch`]: the receipt
+//! names its batch, and of the seqs it proposes only those inside that
+//! batch's in-flight runs are deleted. A batch not in flight (forged, late
+//! after a timeout requeued it, of a previous process) settles nothing; seqs
+//! outside the batch are ignored and reported. No range from the network
+//! ever reaches a `DELETE` except intersected with runs this writer made.
+//!
+//! When the receipt settles its whole batch and that batch holds every
+//! stored row (a caught-up box, the usual case), the table is emptied with
+//! a bare `DELETE`, which SQLite executes by releasing pages instead of
+//! rewriting them: on a Pi's SD card, half the writes per impression or
+//! less. Whether that holds is decided from the batch's runs and the file
+//! (lowest and highest seq, one probe per gap between runs), inside the
+//! write transaction, never from the receipt's ranges.
+//!
+//! # Other writers
+//!
+//! `neopro-edge import` appends to the file of a running service through
+//! its own [`Outbox`] (another connection, another process), and SQLite's
+//! locking serialises the two: every group runs in `BEGIN IMMEDIATE`. So
+//! nothing that another writer may change is cached across groups:
+//!
+//! * a seq is assigned from the file, `max(meta.next_seq, MAX(seq) + 1)`,
+//!   read by the group's first append after `BEGIN IMMEDIATE`;
+//! * the counters ([`Counts`]) are recounted from the file when
+//!   `PRAGMA data_version` (which changes only when *another* connection
+//!   commits) differs from the last value seen, at the start of every group
+//!   and on [`Outbox::refresh`], which the publisher calls at its batch
+//!   delay so that rows another process appended are published without a
+//!   restart. Unchanged, that check costs one pragma.
+//!
+//! An external writer never touches in-flight runs: it appends rows with
+//! seqs above every existing one, and never settles.
 //!
 //! # On-disk format (`{data_dir}/outbox.sqlite3`, plus `-wal` and `-shm`)
 //!
@@ -58,8 +92,7 @@
 //!   impression_id BLOB NOT NULL UNIQUE,  -- 16-byte UUID
 //!   played_at     INTEGER NOT NULL,      -- Unix microseconds (UTC), indexed
 //!   enqueued_at   INTEGER NOT NULL,      -- Unix milliseconds when the box stored it
-//!   state         TEXT NOT NULL,         -- 'pending' ('published' only in files of
-//!                                        --  builds before 2026-12-02; reset at open)
+//!   state         TEXT NOT NULL,         -- always 'pending' (in flight is in memory)
 //!   batch_id      BLOB,                  -- envelope of its last unconfirmed publish
 //!   published_at  INTEGER,               -- Unix milliseconds of that publish
 //!   attempts      INTEGER NOT NULL,      -- publishes that went unconfirmed (requeued)
@@ -73,14 +106,18 @@
 //! # Invariants
 //!
 //! 1. A row exists from the commit that acknowledged it to the commit that
-//!    applied a receipt naming its seq (committed or rejected by the centre).
-//!    Nothing else deletes a row: not a limit, not an error, not a restart.
-//! 2. `seq` values are assigned contiguously from `meta.next_seq` in the same
-//!    transaction as the insert, and never reused, even after the table empties
-//!    (the centre's `site_seq_gaps()` relies on this).
-//! 3. `impression_id` is unique: a retried POST of the same play is a no-op
-//!    while the first copy is still unconfirmed (after confirmation the
-//!    centre's unique key absorbs it).
+//!    applied a receipt for the batch it was in flight in, naming its seq
+//!    (committed or rejected by the centre). Nothing else deletes a row: not
+//!    a limit, not an error, not a restart, not a receipt for another batch.
+//! 2. `seq` values are assigned contiguously, in the same transaction as the
+//!    insert and under SQLite's write lock, from what the file holds
+//!    (`meta.next_seq`, `MAX(seq)`), whichever process writes; they are never
+//!    reused, even after the table empties (the centre's `site_seq_gaps()`
+//!    relies on this). A seq already taken fails the append; it is never
+//!    counted as a duplicate.
+//! 3. `impression_id` is unique, and it alone makes a duplicate: a retried
+//!    POST of the same play is a no-op while the first copy is still
+//!    unconfirmed (after confirmation the centre's unique key absorbs it).
 //! 4. "In flight" is a hint, not a promise, and lives only in the writer's
 //!    memory: at open every row is pending (the MQTT client's in-flight state
 //!    died with the process), and a run goes back to pending when the broker
@@ -88,10 +125,15 @@
 //!    changes only with a command that succeeded, and the whole map is
 //!    restored when a group's commit fails, so it never claims more than the
 //!    file holds nor hides a row from the next claim.
-//! 5. Receipts carry the `outbox_id`; a receipt for another outbox (a file that
-//!    was deleted and re-created, whose seqs restarted) is ignored.
+//! 5. Receipts carry the `outbox_id` and the `batch_id`; the publisher
+//!    ignores a receipt for another outbox (a file that was deleted and
+//!    re-created, whose seqs restarted), and the outbox settles a receipt
+//!    only within its batch's runs.
 //! 6. The limits (rows, bytes) refuse *new* impressions (HTTP 507); the TV then
 //!    keeps them in its own buffer. They never evict stored ones.
+//! 7. The counters are exact when each command runs: only the writer thread
+//!    stores into them, and it recounts from the file whenever another
+//!    process has committed.
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension};

@@ -179,3 +179,40 @@ impl Settings {
         Duration::from_millis(self.receipt_timeout_ms.max(100))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cors_origins_come_as_a_list_or_comma_separated() {
+        let s: Settings = runtime::settings::load(
+            None,
+            None,
+            "NEOPRO_EDGE_TEST_UNSET",
+            &[
+                ("site_id", Some("club-1".into())),
+                ("cors_origins", Some(" https://tv.example , http://10.0.0.5:* ,".into())),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.cors_origins, ["https://tv.example", "http://10.0.0.5:*"]);
+        s.validate().unwrap();
+        let toml: Settings = config::Config::builder()
+            .add_source(config::File::from_str(
+                "site_id = 'club-1'\ncors_origins = ['http://a.example:8080']",
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(toml.cors_origins, ["http://a.example:8080"]);
+        assert_eq!(Settings::default().cors_origins, default_cors_origins());
+        let wildcard = Settings {
+            cors_origins: vec!["*".into()],
+            ..Settings::for_site("club-1", "/tmp/x")
+        };
+        assert!(wildcard.validate().is_err(), "'*' is refused, not allowed");
+    }
+}

@@ -5,21 +5,8 @@
 mod common;
 use common::*;
 use sqlx::PgPool;
-use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-async fn db_url(pool: &PgPool) -> String {
-    let name: String = sqlx::query_scalar("SELECT current_database()::text")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut u = url::Url::parse(&base).unwrap();
-    u.set_path(&format!("/{name}"));
-    sqlx::postgres::PgConnectOptions::from_str(u.as_str()).unwrap();
-    u.to_string()
-}
 
 #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
 async fn seed_body_and_legacy_import_land_in_postgresql_exactly_once(pool: PgPool) {

@@ -172,3 +172,85 @@ async fn full_outbox_refuses_with_507_and_keeps_what_it_has() {
     assert_eq!(edge.outbox.stats().await.unwrap().unconfirmed, 3);
     edge.stop().await;
 }
+
+/// CORS: a page of a foreign origin gets no `Access-Control-Allow-Origin`
+/// (its browser refuses it the answer and the preflight of its POST); the
+/// box's own pages, or the configured origins, do.
+#[tokio::test]
+async fn cors_allows_only_the_configured_origins() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start(settings(dir.path(), "mqtt://127.0.0.1:9", &prefix())).await;
+    let http = reqwest::Client::new();
+    let stats_url = format!("{}/api/sync/sponsor-impressions/stats", edge.base);
+    let post_url = format!("{}/api/sync/sponsor-impressions", edge.base);
+    let allowed = |r: &reqwest::Response| {
+        r.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let get_from = |origin: &'static str| http.get(&stats_url).header("origin", origin).send();
+    let preflight_from = |origin: &'static str| {
+        http.request(reqwest::Method::OPTIONS, &post_url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    for origin in ["http://neopro.local:4200", "http://localhost:3000", "http://localhost"] {
+        assert_eq!(allowed(&get_from(origin).await.unwrap()).as_deref(), Some(origin));
+        assert_eq!(allowed(&preflight_from(origin).await.unwrap()).as_deref(), Some(origin));
+    }
+    for origin in [
+        "http://evil.example",
+        "https://neopro.local:4200",
+        "http://neopro.local.evil.example",
+        "null",
+    ] {
+        let r = get_from(origin).await.unwrap();
+        assert_eq!(allowed(&r), None, "{origin}");
+        assert_eq!(allowed(&preflight_from(origin).await.unwrap()), None, "{origin}");
+    }
+    edge.stop().await;
+
+    // Configured origins replace the defaults.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), "mqtt://127.0.0.1:9", &prefix());
+    s.cors_origins = vec!["https://tv.club.example".into()];
+    let edge = start(s).await;
+    let stats_url = format!("{}/api/sync/sponsor-impressions/stats", edge.base);
+    let from = |origin: &'static str| http.get(&stats_url).header("origin", origin).send();
+    assert_eq!(
+        allowed(&from("https://tv.club.example").await.unwrap()).as_deref(),
+        Some("https://tv.club.example")
+    );
+    assert_eq!(allowed(&from("http://localhost:4200").await.unwrap()), None);
+    edge.stop().await;
+}
+
+/// The unauthenticated stats keep the seed's keys and say nothing that
+/// helps forge a receipt (no outbox id, no next seq); `neopro-edge status`
+/// on the box has them.
+#[tokio::test]
+async fn stats_hide_the_outbox_id_and_next_seq() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), "mqtt://127.0.0.1:9", &prefix());
+    let edge = start(s.clone()).await;
+    let http = reqwest::Client::new();
+    post(&http, &edge.base, SEED_BODY.to_owned()).await;
+    let st = stats(&http, &edge.base).await;
+    for key in ["count", "oldestImpression", "newestImpression"] {
+        assert!(st.get(key).is_some(), "seed key {key} missing: {st}");
+    }
+    assert_eq!(st["count"], 1);
+    let text = st.to_string();
+    let outbox_id = edge.outbox.outbox_id().to_string();
+    assert!(!text.contains(&outbox_id), "{st}");
+    assert!(st.get("outboxId").is_none() && st.get("nextSeq").is_none(), "{st}");
+    let status = edge_publisher::commands::status(&s).unwrap();
+    assert_eq!(status["outboxId"], outbox_id);
+    assert_eq!(status["nextSeq"], 2);
+    assert_eq!(status["count"], st["count"]);
+    edge.stop().await;
+}
