@@ -38,9 +38,11 @@
 //!   streaming pass without building a document, bounded by the MQTT packet
 //!   limit. Honest edges never produce one (their batch limit is below the
 //!   envelope limit), so this only matters for a misconfigured pair.
-//! * A retained message is a replay of an earlier publish (the broker sends
-//!   it to every new subscription; edges never publish retained envelopes):
-//!   dead-lettered (`retained`), never receipted.
+//! * A message delivered with the retain flag is a replay of an earlier
+//!   publish, sent because a subscription was made (MQTT 3.1.1 §3.3.1.3;
+//!   edges never publish retained envelopes): dead-lettered (`retained`),
+//!   never receipted. The live delivery of that publish to an existing
+//!   subscription carries no flag and is handled like any other.
 //! * A message on a topic that is not an impressions topic (another
 //!   subscription of the persistent session) is acknowledged and counted,
 //!   nothing else; on an impressions topic whose site is not topic-safe it is

@@ -120,8 +120,10 @@ mod tests {
 
     #[test]
     fn receipts_use_the_main_account_unless_given_their_own() {
-        let mut s = Settings::default();
-        s.mqtt_url = "mqtt://ingestor:pw@broker:1883".parse().unwrap();
+        let mut s = Settings {
+            mqtt_url: "mqtt://ingestor:pw@broker:1883".parse().unwrap(),
+            ..Default::default()
+        };
         let (url, id) = connection(&s);
         assert_eq!(
             (url.username.as_deref(), id.as_str()),
