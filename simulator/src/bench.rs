@@ -55,6 +55,17 @@
 //! the fleet, the broker, the ingestor and the rollups on the same cores
 //! with one bare COPY stream, and that line shows what each side paid.
 //!
+//! ## Accounts
+//! On the embedded broker, the bench runs as production does: the broker
+//! checks a credentials file with one site account per box and the
+//! ingestor's, so its topic ACL applies to every publish and subscription
+//! (each box may use its own site's topics only). The accounts are hashed
+//! at test cost (`crate::credentials`: the file format and the broker's
+//! checks are the production ones); their passwords derive from a per-run
+//! secret that the box hosts read on stdin. `--anonymous` runs the broker
+//! without accounts (ACL off); a `broker:` line says which ran. A broker
+//! named by URL keeps its own accounts (the URL's).
+//!
 //! ## Rounds
 //! Steps 1-3, 5 and 6 are repeated `--rounds` times (default 3), each round
 //! on a re-created database with a new ingestor and new boxes (the broker
@@ -147,9 +158,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     // One broker for every round, as a fleet has: each round's boxes and
     // ingestor resume the sessions of the round before (all drained).
     let (prefix, ingestor_id) = run_identity(&f.broker);
-    let broker = fleet::start_broker(&f.broker, &prefix, |s| {
+    // The embedded broker checks one account per box and the ingestor's
+    // (its topic ACL on, as in production) unless --anonymous; the
+    // accounts are hashed at test cost (`crate::credentials`).
+    let embedded = f.broker == BrokerChoice::Embedded;
+    let accounts =
+        (embedded && !args.anonymous).then(|| fleet::fleet_accounts(sites.iter().map(|s| s.site_id.as_str())));
+    let broker = fleet::start_broker_with_accounts(&f.broker, &prefix, accounts.as_deref(), |s| {
         s.limits.max_connections = s.limits.max_connections.max(n + 64);
     })?;
+    println!(
+        "broker: {}",
+        match (embedded, broker.accounts.is_some()) {
+            (true, true) => format!("embedded, acl on ({n} site accounts)"),
+            (true, false) => "embedded, acl off (anonymous)".to_owned(),
+            (false, _) => format!("{broker_name}, acl as that broker is configured (the URL's account)"),
+        }
+    );
     let ctx = Ctx {
         args: &args,
         db_url: &db_url,
@@ -258,7 +283,8 @@ async fn run_round(ctx: &Ctx<'_>, steady: Option<&mut Histogram<u64>>) -> anyhow
     }
     pg::insert_catalogue(&pool, catalogue, sites).await?;
 
-    let ingestor_settings = fleet::ingestor_settings(db_url, &broker.url, ctx.prefix, ctx.ingestor_id)?;
+    let ingestor_settings =
+        fleet::ingestor_settings(db_url, &broker.url_for(ctx.ingestor_id), ctx.prefix, ctx.ingestor_id)?;
     let ingestor_fold_ms = ingestor_settings.rollup_fold_interval_ms;
     let ingestor_defer_ms = ingestor_settings.rollup_fold_defer_max_ms;
     let ingestor = Ingestor::start(ingestor_settings).await?;
@@ -276,6 +302,7 @@ async fn run_round(ctx: &Ctx<'_>, steady: Option<&mut Histogram<u64>>) -> anyhow
         spec: spec.clone(),
         tuning,
         broker: broker.url.clone(),
+        accounts: broker.accounts.clone(),
         prefix: ctx.prefix.to_owned(),
         dir: dir.path().to_owned(),
         processes: ctx.processes,

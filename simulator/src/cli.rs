@@ -154,6 +154,12 @@ pub struct BenchArgs {
     /// many as needed].
     #[arg(long)]
     pub box_processes: Option<usize>,
+    /// Run the embedded broker without accounts, its topic ACL off. By
+    /// default it checks a credentials file with one account per box and
+    /// the ingestor's, so every box connects as its own site, as in
+    /// production (a broker named by URL keeps its own accounts).
+    #[arg(long)]
+    pub anonymous: bool,
     /// The `neopro-sim` executable the box processes run [default: this one].
     #[arg(long, hide = true)]
     pub box_host_exe: Option<std::path::PathBuf>,

@@ -28,6 +28,15 @@ use crate::catalogue::Catalogue;
 use crate::fleet::{self, BrokerChoice, Edge, EdgeTuning, Ingestor};
 use crate::pg;
 use crate::plays::{generate, FleetSpec, SitePlays};
+use crate::rogue::{self, Rogue};
+use runtime::credentials::Role;
+use runtime::mqtt::MqttUrl;
+
+/// The attacking site of [`Fault::RogueSite`] (a site account like the others).
+const ROGUE_SITE: &str = "rogue-00001";
+/// The read-only account that checks, after the attack, what a fresh
+/// subscriber receives.
+const OBSERVER: &str = "fault-observer";
 
 /// The faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +55,14 @@ pub enum Fault {
     EdgeOfflineBacklog,
     /// Envelopes delivered several times (replayed publishes, aggressive resends).
     DuplicateDeliveries,
+    /// The broker checks accounts (one per box, the ingestor's, an
+    /// attacker's) and one site account attacks the others all along the
+    /// stream ([`crate::rogue`]): it subscribes to everything, forges
+    /// receipts and envelopes in their names, sends oversized messages and
+    /// retained spam. Exact only when, besides every play stored once, the
+    /// attacker read nothing, nothing it made is stored under another site,
+    /// and a fresh subscriber gets none of its retained messages.
+    RogueSite,
     /// The PostgreSQL server itself stopped (fast shutdown: every session
     /// gets 57P01) and started again. Not in [`Fault::ALL`] but in
     /// [`Fault::OPT_IN`]: it restarts the
@@ -64,10 +81,17 @@ impl Fault {
         Fault::BrokerLogOverflow,
         Fault::EdgeOfflineBacklog,
         Fault::DuplicateDeliveries,
+        Fault::RogueSite,
     ];
 
     /// Scenarios run only when named (`soak --only`).
     pub const OPT_IN: &'static [Fault] = &[Fault::PgRestart];
+
+    /// Whether the scenario runs child processes of the workspace's other
+    /// binaries (found by [`bin_dir`]).
+    pub fn spawns_processes(self) -> bool {
+        matches!(self, Fault::EdgeKill9 | Fault::IngestorKill9 | Fault::BrokerRestart)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -78,6 +102,7 @@ impl Fault {
             Fault::BrokerLogOverflow => "broker_log_overflow",
             Fault::EdgeOfflineBacklog => "edge_offline_backlog",
             Fault::DuplicateDeliveries => "duplicate_deliveries",
+            Fault::RogueSite => "rogue_site",
             Fault::PgRestart => "pg_restart",
         }
     }
@@ -158,6 +183,9 @@ pub struct Outcome {
     pub recovery: Duration,
     pub exact: bool,
     pub detail: String,
+    /// A line the table prints under the row (what the attacker of
+    /// `rogue_site` got), empty for the other scenarios.
+    pub note: String,
 }
 
 impl Outcome {
@@ -389,10 +417,26 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
     let played: u64 = all_sites.iter().map(|s| s.plays.len() as u64).sum();
     let dir = tempfile::Builder::new().prefix("neopro-fault-").tempdir()?;
     let prefix = schema::mqtt::DEFAULT_PREFIX;
+    // With the rogue the broker checks accounts, so its topic ACL is on:
+    // one per box, the ingestor's, the attacker's and an observer's.
+    let accounts: Option<Vec<(String, Role)>> = (fault == Fault::RogueSite).then(|| {
+        let mut a = fleet::fleet_accounts(site_ids.iter().map(String::as_str));
+        a.push((ROGUE_SITE.to_owned(), Role::Site));
+        a.push((OBSERVER.to_owned(), Role::Observer));
+        a
+    });
+    // The attacker's own plays: templates of its forgeries, its sync points.
+    let rogue_plays = {
+        let mut s = spec.clone();
+        s.sites = 1;
+        s.plays_per_site = 20;
+        s.site_prefix = "rogue".into();
+        generate(&s, &catalogue).remove(0).plays
+    };
 
     // Broker: a child process when it is the one killed, else in-process.
     let mut broker_proc = None;
-    let mut _embedded = None;
+    let mut embedded = None;
     let mqtt: runtime::mqtt::MqttUrl = if fault == Fault::BrokerRestart {
         let port = free_port()?;
         let mut p = Proc::new(
@@ -413,7 +457,7 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
         broker_proc = Some((p, port));
         format!("mqtt://127.0.0.1:{port}").parse().map_err(anyhow::Error::msg)?
     } else {
-        let b = fleet::start_broker(&BrokerChoice::Embedded, prefix, |s| {
+        let b = fleet::start_broker_with_accounts(&BrokerChoice::Embedded, prefix, accounts.as_deref(), |s| {
             if fault == Fault::BrokerLogOverflow {
                 // A log of a few envelopes: it overflows while the ingestor is away.
                 s.log.outage_messages = 8;
@@ -422,9 +466,11 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
             }
         })?;
         let u = b.url.clone();
-        _embedded = Some(b);
+        embedded = Some(b);
         u
     };
+    // The URL an account connects with (its password when the broker checks them).
+    let url_for = |user: &str| -> MqttUrl { embedded.as_ref().map_or_else(|| mqtt.clone(), |b| b.url_for(user)) };
 
     // Ingestor: a child process when it is the one killed, else in-process.
     let ingestor_args = vec![
@@ -440,7 +486,7 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
     ];
     let mut ingestor_proc = None;
     let mut ingestor_inproc = None;
-    let ingestor_settings = fleet::ingestor_settings(db_url, &mqtt, prefix, "ingestor")?;
+    let ingestor_settings = fleet::ingestor_settings(db_url, &url_for("ingestor"), prefix, "ingestor")?;
     if fault == Fault::IngestorKill9 {
         let mut p = Proc::new(
             "neopro-ingestor",
@@ -507,7 +553,14 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
             )));
             child_edges.push(ChildEdge { proc: p, http });
         } else {
-            let mut e = Edge::open(&s.site_id, dir.path().join(&s.site_id), &mqtt, prefix, &tuning).await?;
+            let mut e = Edge::open(
+                &s.site_id,
+                dir.path().join(&s.site_id),
+                &url_for(&s.site_id),
+                prefix,
+                &tuning,
+            )
+            .await?;
             e.start().await?;
             targets.push(Target::Outbox(e.outbox.clone()));
             edges.push(e);
@@ -515,11 +568,27 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
     }
     let mut offline = None;
     if let Some(b) = &backlog {
-        let e = Edge::open(&b.site_id, dir.path().join(&b.site_id), &mqtt, prefix, &tuning).await?;
+        let e = Edge::open(
+            &b.site_id,
+            dir.path().join(&b.site_id),
+            &url_for(&b.site_id),
+            prefix,
+            &tuning,
+        )
+        .await?;
         for c in b.plays.chunks(1000) {
             e.outbox.append(c.to_vec()).await?;
         }
         offline = Some(e);
+    }
+
+    // The attacker reads (or tries to) from before the first play.
+    let victims: Vec<String> = sites.iter().map(|s| s.site_id.clone()).collect();
+    let mut rogue = None;
+    if fault == Fault::RogueSite {
+        let mut r = Rogue::connect(&url_for(ROGUE_SITE), ROGUE_SITE, prefix).await?;
+        r.read_everything(&victims).await?;
+        rogue = Some(r);
     }
 
     // The steady stream.
@@ -626,6 +695,28 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
             let _ = client.disconnect().await;
             poll.abort();
         }
+        Fault::RogueSite => {
+            let r = rogue.as_mut().context("the rogue")?;
+            let outboxes: Vec<(String, uuid::Uuid)> = edges
+                .iter()
+                .map(|e| (e.site_id.clone(), e.outbox.outbox_id()))
+                .collect();
+            r.retained_spam(&victims).await?;
+            // Rounds of every attack on every victim for the fault's duration
+            // (at least one), while the stream goes on.
+            let until = Instant::now() + fault_for;
+            loop {
+                for (v, outbox) in &outboxes {
+                    r.forge_receipts(v, *outbox).await?;
+                    r.forge_v2_envelope(v, *outbox).await?;
+                    r.forge_plays(v, *outbox, &rogue_plays[..5]).await?;
+                    r.oversized(v).await?;
+                }
+                if Instant::now() >= until {
+                    break;
+                }
+            }
+        }
     }
     let fault_end = Instant::now();
     let handed_at_end = delivered.load(Ordering::Relaxed)
@@ -665,6 +756,13 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
         unconfirmed += c.unconfirmed().await.unwrap_or(u64::MAX / 4);
     }
 
+    // What the attacker got, while the ingestor still answers its sync play.
+    let mut attack = None;
+    if let Some(mut r) = rogue.take() {
+        attack = Some(attack_report(&mut r, &pool, &url_for(OBSERVER), prefix, &victims, &rogue_plays[5]).await?);
+        r.disconnect().await;
+    }
+
     // Tear down.
     for e in edges.iter_mut().chain(offline.iter_mut()) {
         let _ = e.stop().await;
@@ -684,8 +782,12 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
 
     let rec = pg::reconcile(&pool, all_sites.iter().flat_map(|s| s.plays.iter())).await?;
     pool.close().await;
-    let exact = settled && feed_result.is_ok() && rec.is_exact() && unconfirmed == 0;
+    let attack_clean = attack.as_ref().is_none_or(|a| a.clean());
+    let exact = settled && feed_result.is_ok() && rec.is_exact() && unconfirmed == 0 && attack_clean;
     let mut detail = rec.diff(5);
+    if let Some(a) = &attack {
+        detail.push_str(&a.detail);
+    }
     if let Err(e) = feed_result {
         detail.push_str(&format!("feeder: {e:#}\n"));
     }
@@ -704,6 +806,88 @@ async fn run_in(fault: Fault, db_url: &str, scale: &Scale) -> anyhow::Result<Out
         outboxes_unconfirmed: unconfirmed,
         recovery: recovery.unwrap_or_else(|| fault_end.elapsed()),
         exact,
+        detail,
+        note: attack.map(|a| a.line()).unwrap_or_default(),
+    })
+}
+
+/// What the rogue of [`Fault::RogueSite`] got.
+struct Attack {
+    messages_read: u64,
+    rows_stored_as_others: i64,
+    forged_published: u64,
+    /// Retained messages a fresh subscriber received other than a box's
+    /// own genuine status.
+    retained_delivered: usize,
+    synced: bool,
+    detail: String,
+}
+
+impl Attack {
+    fn clean(&self) -> bool {
+        self.synced && self.messages_read == 0 && self.rows_stored_as_others == 0 && self.retained_delivered == 0
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "rogue_site attacker: messages_read={} rows_stored_as_others={} forged_published={} retained_delivered={}",
+            self.messages_read, self.rows_stored_as_others, self.forged_published, self.retained_delivered
+        )
+    }
+}
+
+/// After the stream settled: one genuine play of the rogue's own, receipted
+/// (so anything leaked to it has arrived), then what it read, what of its
+/// forgeries the database holds under another site, and which retained
+/// messages a fresh observer session receives under the prefix.
+async fn attack_report(
+    r: &mut Rogue,
+    pool: &sqlx::PgPool,
+    observer: &MqttUrl,
+    prefix: &str,
+    victims: &[String],
+    own_play: &schema::Impression,
+) -> anyhow::Result<Attack> {
+    let mut detail = String::new();
+    let synced = match r.sync(own_play, Duration::from_secs(30)).await {
+        Ok(()) => true,
+        Err(e) => {
+            detail.push_str(&format!("rogue sync: {e:#}\n"));
+            false
+        }
+    };
+    let messages_read = r.messages_read();
+    if messages_read > 0 {
+        detail.push_str(&format!("the rogue read: {:?}\n", r.seen()));
+    }
+    let rows_stored_as_others = rogue::rows_stored_as_others(pool, r.site(), r.forged_ids()).await?;
+    let topics = schema::Topics::new(prefix).map_err(anyhow::Error::msg)?;
+    let retained = rogue::retained_seen(
+        observer,
+        &format!("{OBSERVER}:probe"),
+        &[format!("{prefix}/#")],
+        Duration::from_secs(1),
+    )
+    .await?;
+    let genuine = |topic: &str, payload: &[u8]| {
+        victims.iter().any(|v| {
+            topic == topics.status(v)
+                && serde_json::from_slice::<schema::mqtt::SiteStatus>(payload).is_ok_and(|s| s.site_id == *v)
+        })
+    };
+    let mut retained_delivered = 0;
+    for (topic, payload) in &retained {
+        if !genuine(topic, payload) {
+            retained_delivered += 1;
+            detail.push_str(&format!("retained on {topic}: {} bytes\n", payload.len()));
+        }
+    }
+    Ok(Attack {
+        messages_read,
+        rows_stored_as_others,
+        forged_published: r.forged_published(),
+        retained_delivered,
+        synced,
         detail,
     })
 }

@@ -13,11 +13,14 @@
 
 use anyhow::Context;
 use edge_publisher::Outbox;
+use runtime::credentials::{Role, INGESTOR_USER};
 use runtime::mqtt::MqttUrl;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::credentials::Accounts;
 
 /// Which broker the fleet meets at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,39 +45,103 @@ impl std::str::FromStr for BrokerChoice {
 
 /// A started broker.
 pub struct Broker {
+    /// Where it listens (no credentials: [`Broker::url_for`] adds an account's).
     pub url: MqttUrl,
     /// Keeps the embedded broker referenced (it lives until the process exits).
     pub embedded: Option<broker::EmbeddedBroker>,
+    /// The run's accounts when the embedded broker checks them (ACL on).
+    pub accounts: Option<Accounts>,
+    /// Accounts in the credentials file (0: anonymous or not ours).
+    pub account_count: usize,
+    /// Holds the credentials file while the broker runs.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("url", &self.url).finish()
+        f.debug_struct("Broker")
+            .field("url", &self.url)
+            .field("accounts", &self.account_count)
+            .finish()
     }
 }
 
-/// Starts (embedded) or names (URL) the broker for topic prefix `prefix`.
+impl Broker {
+    /// The URL `username` connects with: its account's password when the
+    /// broker checks accounts, else the broker's URL as given.
+    pub fn url_for(&self, username: &str) -> MqttUrl {
+        match &self.accounts {
+            Some(a) => a.url(&self.url, username),
+            None => self.url.clone(),
+        }
+    }
+}
+
+/// Starts (embedded) or names (URL) the broker for topic prefix `prefix`,
+/// anonymous (the ACL off).
 pub fn start_broker(
     choice: &BrokerChoice,
     prefix: &str,
+    tune: impl FnOnce(&mut broker::BrokerSettings),
+) -> anyhow::Result<Broker> {
+    start_broker_with_accounts(choice, prefix, None, tune)
+}
+
+/// As [`start_broker`]; with `accounts` (username, role) and an embedded
+/// broker, the broker checks a credentials file holding them, so its topic
+/// ACL is on: each box may use its own site's topics only. Their passwords
+/// derive from a fresh secret ([`Accounts`]); [`Broker::url_for`] gives
+/// each account's URL. A broker named by URL keeps its own accounts.
+pub fn start_broker_with_accounts(
+    choice: &BrokerChoice,
+    prefix: &str,
+    accounts: Option<&[(String, Role)]>,
     tune: impl FnOnce(&mut broker::BrokerSettings),
 ) -> anyhow::Result<Broker> {
     match choice {
         BrokerChoice::Embedded => {
             let mut s = broker::BrokerSettings::for_tests();
             s.topic_prefix = prefix.to_owned();
+            let mut dir = None;
+            let mut keys = None;
+            let mut account_count = 0;
+            if let Some(list) = accounts {
+                let d = tempfile::Builder::new().prefix("neopro-sim-accounts-").tempdir()?;
+                let a = Accounts::random();
+                let path = d.path().join("credentials");
+                account_count = a.write_file(&path, list, false)?.len();
+                s.allow_anonymous = false;
+                s.credentials = Some(path);
+                dir = Some(d);
+                keys = Some(a);
+            }
             tune(&mut s);
             let b = broker::EmbeddedBroker::start(&s).context("starting the embedded broker")?;
             Ok(Broker {
                 url: b.mqtt_url(None, None),
                 embedded: Some(b),
+                accounts: keys,
+                account_count,
+                _dir: dir,
             })
         }
         BrokerChoice::Url(u) => Ok(Broker {
             url: u.parse().map_err(anyhow::Error::msg)?,
             embedded: None,
+            accounts: None,
+            account_count: 0,
+            _dir: None,
         }),
     }
+}
+
+/// The accounts of a fleet: one site account per box and the ingestor's.
+pub fn fleet_accounts<'a>(sites: impl IntoIterator<Item = &'a str>) -> Vec<(String, Role)> {
+    sites
+        .into_iter()
+        .map(|s| (s.to_owned(), Role::Site))
+        .chain(std::iter::once((INGESTOR_USER.to_owned(), Role::Ingestor)))
+        .collect()
 }
 
 /// A running in-process ingestor.

@@ -16,7 +16,9 @@
 //! # Protocol (one line per message, on the child's stdin and stdout)
 //!
 //! * parent → host, first line: the [`HostConfig`] as JSON (on stdin, not in
-//!   the arguments, so that broker credentials never show in `ps`). The host
+//!   the arguments, so that broker credentials never show in `ps`; with the
+//!   broker's ACL on it holds the run's password secret, from which each box
+//!   derives its own account's password, [`crate::credentials`]). The host
 //!   generates the plays of its sites (seeded: the same as the parent's),
 //!   opens and fills their outboxes, then answers `ready`;
 //! * `start` → every box connects and publishes; answer `started`;
@@ -46,6 +48,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use crate::catalogue::Catalogue;
+use crate::credentials::Accounts;
 use crate::fleet::{self, Edge, EdgeTuning};
 use crate::plays::{generate_site, FleetSpec, SitePlays};
 
@@ -78,6 +81,10 @@ pub fn processes_needed(n: usize, nofile: u64) -> usize {
 pub struct HostConfig {
     /// Full broker URL, credentials included (hence stdin, not argv).
     pub broker_url: String,
+    /// With the broker's ACL on: the run's password secret; each box then
+    /// connects as its own site's account instead of with `broker_url`'s.
+    #[serde(default)]
+    pub password_secret: Option<String>,
     pub topic_prefix: String,
     /// Parent directory of the boxes' data directories.
     pub dir: PathBuf,
@@ -140,17 +147,20 @@ pub fn full_url(u: &MqttUrl) -> String {
 }
 
 /// Opens the outboxes of `sites` (indexes `from..`) under `dir` and fills
-/// each with its plays, 64 outboxes at a time.
+/// each with its plays, 64 outboxes at a time. With `accounts`, each box
+/// connects as its site's account.
 async fn open_and_fill(
     sites: &[SitePlays],
     dir: &Path,
     broker: &MqttUrl,
+    accounts: Option<&Accounts>,
     prefix: &str,
     tuning: &EdgeTuning,
 ) -> anyhow::Result<Vec<Edge>> {
     let mut edges = Vec::with_capacity(sites.len());
     for s in sites {
-        edges.push(Edge::open(&s.site_id, dir.join(&s.site_id), broker, prefix, tuning).await?);
+        let url = accounts.map_or_else(|| broker.clone(), |a| a.url(broker, &s.site_id));
+        edges.push(Edge::open(&s.site_id, dir.join(&s.site_id), &url, prefix, tuning).await?);
     }
     let fills = futures::stream::iter(sites.iter().zip(&edges).map(|(s, e)| async move {
         for c in s.plays.chunks(FILL_CHUNK) {
@@ -285,6 +295,8 @@ pub struct Placement {
     pub spec: FleetSpec,
     pub tuning: EdgeTuning,
     pub broker: MqttUrl,
+    /// The run's accounts when the broker checks them (each box its own).
+    pub accounts: Option<Accounts>,
     pub prefix: String,
     pub dir: PathBuf,
     /// Host processes (0: every box in this process).
@@ -298,7 +310,15 @@ impl Boxes {
     /// order) and fills its outbox with its plays; nothing is published yet.
     pub async fn open(place: &Placement, sites: &[SitePlays]) -> anyhow::Result<Self> {
         if place.processes == 0 {
-            let edges = open_and_fill(sites, &place.dir, &place.broker, &place.prefix, &place.tuning).await?;
+            let edges = open_and_fill(
+                sites,
+                &place.dir,
+                &place.broker,
+                place.accounts.as_ref(),
+                &place.prefix,
+                &place.tuning,
+            )
+            .await?;
             return Ok(Boxes::Local(edges, Appender::default()));
         }
         let n = sites.len();
@@ -308,6 +328,7 @@ impl Boxes {
             let to = (from + per).min(n);
             let cfg = HostConfig {
                 broker_url: full_url(&place.broker),
+                password_secret: place.accounts.as_ref().map(|a| a.secret().to_owned()),
                 topic_prefix: place.prefix.clone(),
                 dir: place.dir.clone(),
                 sites: place.spec.sites,
@@ -486,6 +507,7 @@ pub async fn serve() -> anyhow::Result<()> {
     let first = lines.next_line().await?.context("no configuration line on stdin")?;
     let cfg: HostConfig = serde_json::from_str(&first).context("configuration line")?;
     let broker: MqttUrl = cfg.broker_url.parse().map_err(anyhow::Error::msg)?;
+    let accounts = cfg.password_secret.clone().map(Accounts::from_secret);
     let spec = cfg.spec();
     let catalogue = Catalogue::standard();
     let sites: Vec<SitePlays> = (cfg.from..cfg.to)
@@ -494,7 +516,15 @@ pub async fn serve() -> anyhow::Result<()> {
     // The host's boxes are in-process boxes of this process: the same
     // methods serve both placements.
     let mut boxes = Boxes::Local(
-        open_and_fill(&sites, &cfg.dir, &broker, &cfg.topic_prefix, &cfg.tuning()).await?,
+        open_and_fill(
+            &sites,
+            &cfg.dir,
+            &broker,
+            accounts.as_ref(),
+            &cfg.topic_prefix,
+            &cfg.tuning(),
+        )
+        .await?,
         Appender::default(),
     );
     drop(sites);

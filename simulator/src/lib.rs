@@ -7,12 +7,15 @@
 //!   the ingestor App, N edge Apps with their SQLite outboxes).
 //! * [`hosts`]: the boxes in this process, or in child processes when one
 //!   process cannot hold their file descriptors (10,000 sessions).
-//! * [`faults`]: the fault scenarios (CI suite and `soak`).
+//! * [`faults`]: the fault scenarios (CI suite and `soak`); [`rogue`]: a site
+//!   account that attacks the others (`rogue_site`, the attack tests).
+//! * [`credentials`]: a run's broker accounts, hashed at test cost.
 //! * [`demo`], [`bench`], [`soak`], [`feed`]: the subcommands; [`cli`]: their flags.
 pub mod bench;
 pub mod catalogue;
 pub mod cli;
 pub mod cpu;
+pub mod credentials;
 pub mod demo;
 pub mod faults;
 pub mod feed;
@@ -20,6 +23,7 @@ pub mod fleet;
 pub mod hosts;
 pub mod pg;
 pub mod plays;
+pub mod rogue;
 pub mod soak;
 
 /// Logs to stderr at `warn` (rumqttd off: it logs every client disconnect as

@@ -1,6 +1,8 @@
 //! `neopro-sim soak`: every fault scenario of the CI suite, larger, one after
 //! the other, and a table: scenario, played, stored, duplicates, lost,
-//! recovery time. Exit code 0 only when every scenario is exact.
+//! recovery time. A scenario with more to say prints it on the line under
+//! its row (`rogue_site`: what the attacker got). Exit code 0 only when
+//! every scenario is exact.
 
 use crate::cli::SoakArgs;
 use crate::faults::{self, Fault, Outcome, Scale};
@@ -33,6 +35,9 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<bool> {
         match faults::run(*f, &server, &scale).await {
             Ok(o) => {
                 println!("{}", o.row());
+                if !o.note.is_empty() {
+                    println!("{}", o.note);
+                }
                 if !o.exact {
                     print!("{}", o.detail);
                     all_exact = false;

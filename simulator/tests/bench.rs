@@ -57,3 +57,10 @@ async fn boxes_in_this_process_on_the_embedded_broker() {
 async fn boxes_in_three_child_processes_on_mosquitto() {
     bench("mqtt://127.0.0.1:1883", &["--box-processes", "3"]).await;
 }
+
+/// The default bench's broker checks one account per box: boxes in child
+/// processes derive their passwords from the secret the parent hands them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boxes_in_two_child_processes_on_the_embedded_broker_with_accounts() {
+    bench("embedded", &["--box-processes", "2"]).await;
+}

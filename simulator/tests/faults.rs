@@ -3,49 +3,34 @@
 //! and every outbox is empty. `neopro-sim soak` runs the same, larger.
 
 use simulator::faults::{self, Fault, Scale};
-use std::sync::Once;
 
-static BUILD: Once = Once::new();
-
-/// The scenarios kill real `neopro-edge` / `neopro-ingestor` / `neopro-broker`
-/// processes: make sure this profile has them (`cargo test -p simulator`
-/// alone does not build other packages' binaries; build them when missing).
-fn ensure_binaries() {
-    BUILD.call_once(|| {
-        // `cargo test --workspace` (CI) has built them already; building again
-        // with another package selection would rebuild dependencies with other
-        // features, so only build what is missing.
-        let dir = faults::bin_dir();
-        if ["neopro-edge", "neopro-ingestor", "neopro-broker"]
-            .iter()
-            .all(|b| dir.join(b).exists())
-        {
-            return;
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut c = std::process::Command::new(cargo);
-        c.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).args([
-            "build",
-            "-p",
-            "edge-publisher",
-            "-p",
-            "ingestor",
-            "-p",
-            "broker",
-            "--bins",
-        ]);
-        if faults::bin_dir().file_name().is_some_and(|n| n == "release") {
-            c.arg("--release");
-        }
-        assert!(c.status().expect("cargo build").success(), "building the binaries");
-    });
+/// The scenarios kill real `neopro-edge` / `neopro-ingestor` /
+/// `neopro-broker` processes. Those are other packages' binaries, which
+/// Cargo does not build for this package's tests (no `CARGO_BIN_EXE_` for
+/// them), and a test must not run Cargo itself: they come prebuilt, from
+/// `NEOPRO_BIN_DIR` or next to this test's profile directory
+/// (`target/<profile>/`), which `cargo build --workspace --bins` (run by
+/// `scripts/test.sh` before the tests) fills. Missing ones fail the test.
+fn require_binaries() {
+    let dir = faults::bin_dir();
+    let missing: Vec<&str> = ["neopro-edge", "neopro-ingestor", "neopro-broker"]
+        .into_iter()
+        .filter(|b| !dir.join(b).exists())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{missing:?} not in {}: build them first (`cargo build --workspace --bins`, as scripts/test.sh does), or set NEOPRO_BIN_DIR",
+        dir.display()
+    );
 }
 
 async fn scenario(f: Fault) {
-    ensure_binaries();
+    if f.spawns_processes() {
+        require_binaries();
+    }
     let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| runtime::db::DEFAULT_DATABASE_URL.into());
     let o = faults::run(f, &server, &Scale::ci()).await.expect("scenario ran");
-    println!("{}\n{}", faults::Outcome::header(), o.row());
+    println!("{}\n{}\n{}", faults::Outcome::header(), o.row(), o.note);
     assert_eq!(o.lost, 0, "{}", o.detail);
     assert_eq!(o.duplicates, 0, "{}", o.detail);
     assert_eq!(o.stored, o.played, "{}", o.detail);
@@ -86,4 +71,9 @@ async fn edge_offline_with_long_backlog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_deliveries() {
     scenario(Fault::DuplicateDeliveries).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rogue_site_attacks_the_others_mid_stream() {
+    scenario(Fault::RogueSite).await;
 }
