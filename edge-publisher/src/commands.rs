@@ -4,7 +4,10 @@
 //!
 //! * `import FILE`: the seed's legacy buffer (`~/neopro/data/sponsor_impressions.json`,
 //!   a JSON array or `{"impressions":[…]}`), idempotent thanks to derived
-//!   impression ids.
+//!   impression ids. It appends through an [`Outbox`] of its own, the
+//!   service's code path: seqs come from the file under SQLite's write
+//!   lock, so it never collides with a running service, which finds the
+//!   commit and publishes the rows (`outbox` module doc, "Other writers").
 //! * `status`: the stats of the outbox file.
 //! * `export --format csv|json`: a local backup of what the outbox holds
 //!   (the JSON form can be re-imported with `import`).
@@ -81,7 +84,8 @@ pub async fn import(settings: &Settings, file: &Path, progress: bool) -> anyhow:
     result.map(|()| report)
 }
 
-/// Reads the outbox statistics from the file.
+/// Reads the outbox statistics from the file: those of the HTTP endpoint
+/// ([`crate::http::outbox_stats`]) plus the path, outbox id and next seq.
 pub fn status(settings: &Settings) -> anyhow::Result<serde_json::Value> {
     let path = settings.outbox_config().path();
     if !path.exists() {

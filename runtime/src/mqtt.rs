@@ -112,6 +112,8 @@ impl serde::Serialize for MqttUrl {
 /// the application decides (refuses it as oversized, acknowledges it).
 /// What we send stays bounded by [`MAX_OUTGOING_PACKET_BYTES`].
 pub const MAX_INCOMING_PACKET_BYTES: usize = 16 * 1024 * 1024;
+// Comfortably above what our brokers accept (MAX_PACKET_BYTES + 64 KiB).
+const _: () = assert!(MAX_INCOMING_PACKET_BYTES >= 4 * (schema::mqtt::MAX_PACKET_BYTES + 64 * 1024));
 
 /// Largest packet our clients send: one envelope at its limit plus the
 /// MQTT header.
@@ -259,8 +261,6 @@ mod tests {
         let o = u.options(&ClientOptions::new("x")).unwrap();
         assert!(o.max_packet_size() > schema::mqtt::MAX_PACKET_BYTES);
         assert!(!o.clean_session());
-        // Above what our brokers accept (MAX_PACKET_BYTES + 64 KiB), so an
-        // oversized message arrives instead of breaking the connection.
-        assert!(MAX_INCOMING_PACKET_BYTES >= 4 * (schema::mqtt::MAX_PACKET_BYTES + 64 * 1024));
+        assert_eq!(o.max_packet_size(), MAX_INCOMING_PACKET_BYTES);
     }
 }
