@@ -643,7 +643,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// What the analytics triggers add to the ingestor's rollup statement (since
-/// migration `20261201000030` they only queue the delta), and what folding
+/// migration `20261207000004_sponsor_rollups` they only queue the delta), and what folding
 /// that batch's delta costs afterwards: the
 /// same batch with and without the triggers, each in a transaction that is
 /// rolled back (so the bench data is unchanged; commit cost, identical for

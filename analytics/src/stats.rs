@@ -1,5 +1,5 @@
 //! Sponsor statistics over a date range, answered from the per-sponsor
-//! rollups of the migration `20261201000020_sponsor_rollups.sql`.
+//! rollups of the migration `20261207000004_sponsor_rollups.sql`.
 //!
 //! Attribution happens at write time and follows the catalogue: the map
 //! `video_attribution` (video -> sponsor under the current catalogue) is kept
@@ -233,7 +233,7 @@ pub async fn attributed_videos(pool: &PgPool, sponsor_id: &str) -> ApiResult<Att
 }
 
 /// Folds the rollups' queues of deltas (the daily one of migration
-/// `20261206000010`, then the per-sponsor one of `20261201000030`) so that
+/// `20261207000003_daily_rollup`, then the per-sponsor one of `20261207000004_sponsor_rollups`) so that
 /// what is read next includes every write committed before this call.
 /// Writers only append deltas (cheap on the ingest path); the ingestor folds
 /// about once a second, so there is little or nothing left here (no lock is

@@ -26,7 +26,7 @@
 //!   rollup counts it once: its aggregate is queued only for rows that were
 //!   new (the whole COPY, or what `RETURNING` says), in the same transaction,
 //!   so at every commit `sponsor_daily_stats` + `sponsor_daily_pending` equals
-//!   the raw rows (migration `20261206000010`);
+//!   the raw rows (migration `20261207000003_daily_rollup`);
 //! * no statement of this transaction touches a row that another writer's
 //!   transaction also touches (the queue is an append-only heap without
 //!   index), so the pipelined writers never wait on each other's row locks
@@ -481,8 +481,8 @@ async fn write_in(
 }
 
 /// Folds the rollups' queues of deltas (`sponsor_rollups_fold()`: the daily
-/// queue of migration `20261206000010`, then the per-sponsor one of
-/// `20261201000030`): outside any ingest transaction, so that the rollups
+/// queue of migration `20261207000003_daily_rollup`, then the per-sponsor one of
+/// `20261207000004_sponsor_rollups`): outside any ingest transaction, so that the rollups
 /// cost each batch only an append, and a second of batches touching the same
 /// keys is upserted once. Readers fold before reading, so this only keeps
 /// the queues short. Errors are logged; the next tick retries (nothing is
@@ -609,7 +609,7 @@ fn unix_day(day: i64) -> NaiveDate {
 /// Queues the aggregates of `rows` (all known to be new) for the daily
 /// rollup: one row per key appended to `sponsor_daily_pending`, which
 /// `sponsor_rollups_fold()` merges into `sponsor_daily_stats` (migration
-/// `20261206000010`). An append to a heap without index: no hot row, so
+/// `20261207000003_daily_rollup`). An append to a heap without index: no hot row, so
 /// concurrent writers never wait on each other here.
 async fn queue_rollup(conn: &mut PgConnection, set: &WriteSet, rows: &[usize]) -> Result<(), sqlx::Error> {
     #[derive(Default)]

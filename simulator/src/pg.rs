@@ -561,7 +561,7 @@ pub async fn rollup_pending(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
 }
 
 /// Waits until both rollup queues are empty (the ingestor folds them in the
-/// background, migrations `20261206000010` and `20261201000030`), polling
+/// background, migrations `20261207000003_daily_rollup` and `20261207000004_sponsor_rollups`), polling
 /// every 10 ms; false after `timeout`. Reads only: it never folds, so it
 /// shows when the chain itself caught up.
 pub async fn wait_rollups_folded(pool: &PgPool, timeout: Duration) -> anyhow::Result<bool> {
