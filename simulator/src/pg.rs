@@ -38,8 +38,8 @@ pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
 /// round replays the same plays and rows left by the previous one would all
 /// be duplicates. The rollup queues and every rollup below
 /// `sponsor_daily_stats` are emptied by the schema's own `AFTER TRUNCATE`
-/// triggers on that table (migrations `..._sponsor_rollups*.sql`,
-/// `..._daily_rollup_deferred.sql`), so they are not listed here.
+/// triggers on that table (migrations `..._sponsor_rollups.sql`,
+/// `..._daily_rollup.sql`), so they are not listed here.
 pub async fn clear_impressions(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("TRUNCATE sponsor_impressions, impressions_rejected, sponsor_daily_stats")
         .execute(pool)
