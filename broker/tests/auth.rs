@@ -28,7 +28,9 @@ async fn accounts_and_refusals() {
     let site_b = format!("club-b-{}", uid());
     write_creds(&creds, &[(&site_a, "pw-a"), (&site_b, "pw-b"), ("ingestor", "pw-ing")]);
     let b = EmbeddedBroker::start_for_tests_with_credentials(&creds).unwrap();
-    let t = prefix();
+    // The broker's own prefix: with accounts, the topic ACL (tests/acl.rs)
+    // allows nothing outside it.
+    let t = schema::mqtt::Topics::new(schema::mqtt::DEFAULT_PREFIX).unwrap();
 
     // The right account with its own client id, or `<user>:…`.
     let a_url = b.mqtt_url(Some(&site_a), Some("pw-a"));
@@ -82,7 +84,7 @@ async fn credentials_reload_without_restart() {
     assert!(refused(opts(&url, &site, true)).await, "not yet an account");
 
     write_creds(&creds, &[(&site, "pw-new")]);
-    assert!(b.authenticator().unwrap().reload_if_changed(), "mtime change seen");
+    assert!(b.authenticator().unwrap().reload_if_changed(), "the change is seen");
     connect(opts(&url, &site, true))
         .await
         .expect("account added without restart");
@@ -108,7 +110,7 @@ async fn tls_listener_with_generated_certificate() {
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
     let creds = dir.path().join("credentials");
     let site = format!("club-t-{}", uid());
-    write_creds(&creds, &[(&site, "pw-tls")]);
+    write_creds(&creds, &[(&site, "pw-tls"), ("ingestor", "pw-ing")]);
 
     let settings = BrokerSettings {
         credentials: Some(creds),
@@ -129,21 +131,23 @@ async fn tls_listener_with_generated_certificate() {
     )
     .parse()
     .unwrap();
-    let t = prefix();
+    let t = schema::mqtt::Topics::new(schema::mqtt::DEFAULT_PREFIX).unwrap();
     // A client that opens a TCP connection to the TLS port and never starts
     // its handshake must not hold up the others (rumqttd's own TLS listener
     // would: it handshakes inside its accept loop).
     let _stalled = tokio::net::TcpStream::connect(("127.0.0.1", tls.port())).await.unwrap();
     let (c, mut el, _) = connect(opts(&url, &site, true)).await.expect("TLS connect");
     subscribe(&c, &mut el, &t.receipts(&site)).await;
-    c.publish(
-        t.receipts(&site),
-        rumqttc::QoS::AtLeastOnce,
-        false,
-        b"over-tls".to_vec(),
+    // A receipt from the ingestor, over TLS too.
+    let ing_url: runtime::mqtt::MqttUrl = format!(
+        "mqtts://ingestor:pw-ing@localhost:{}?ca={}",
+        tls.port(),
+        cert_path.display()
     )
-    .await
+    .parse()
     .unwrap();
+    let (ing, mut iel, _) = connect(opts(&ing_url, "ingestor", true)).await.expect("TLS connect");
+    publish_acked(&ing, &mut iel, &t.receipts(&site), &[b"over-tls".to_vec()]).await;
     let got = recv_publishes(&mut el, 1).await;
     assert_eq!(got.len(), 1);
     assert_eq!(&got[0].payload[..], b"over-tls");
