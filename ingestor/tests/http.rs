@@ -458,3 +458,39 @@ async fn opt_in_bad_bodies_get_4xx_naming_the_field_and_partial_bodies_keep_good
     assert_eq!(h.status(), 200);
     app.stop().await;
 }
+
+/// Connects to `broker` as `user` (client id = username): whether the
+/// broker answered the CONNECT with a CONNACK.
+async fn mqtt_login(broker: &runtime::mqtt::MqttUrl, user: &str) -> bool {
+    let o = runtime::mqtt::ClientOptions::new(user);
+    let (client, mut el) = rumqttc::AsyncClient::new(broker.options(&o).unwrap(), 10);
+    let ok = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let _ = client.disconnect().await;
+    ok
+}
+
+#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+async fn one_site_password_serves_the_broker_and_the_endpoint(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let app = http_app_with(&pool, Mode::Credentials, dir.path(), |_| {}).await;
+    let path = dir.path().join("credentials");
+    let broker = broker::EmbeddedBroker::start_for_tests_with_credentials(&path).unwrap();
+    assert!(mqtt_login(&broker.mqtt_url(Some("club-a"), Some("pw-a")), "club-a").await);
+    assert!(!mqtt_login(&broker.mqtt_url(Some("club-a"), Some("pw-b")), "club-a").await);
+    let (code, _, resp) = post_as(&app, None, Some(("club-a", "pw-a")), SEED_BODY).await;
+    assert_eq!(code, 200, "{resp}");
+    let (code, _, _) = post_as(&app, None, Some(("club-a", "pw-b")), SEED_BODY).await;
+    assert_eq!(code, 401);
+    assert_eq!(count(&pool, ROWS).await, 1);
+    app.stop().await;
+}
