@@ -358,8 +358,9 @@ impl Publisher {
             tokio::time::interval((timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
         check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Rows another process appended (`neopro-edge import` while the
-        // service runs) are found at this pace and published at once.
-        let mut refresh_tick = tokio::time::interval(delay.max(Duration::from_millis(50)));
+        // service runs) are found within two ticks ([`Outbox::refresh`]),
+        // so within the batch delay, and published at once.
+        let mut refresh_tick = tokio::time::interval((delay / 2).max(Duration::from_millis(50)));
         refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gate = self.gate.clone();
 
