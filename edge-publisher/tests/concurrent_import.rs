@@ -117,3 +117,48 @@ async fn import_while_the_service_takes_posts_loses_nothing_and_invents_no_dupli
     edge.stop().await;
     ing.stop().await;
 }
+
+/// An idle service (no POST to wake it) publishes what an import appended
+/// to its file, without a restart: it finds the other process's commit on
+/// its own (`PRAGMA data_version`, polled at half its batch delay).
+#[sqlx::test(migrator = "runtime::db::MIGRATOR")]
+async fn an_idle_service_publishes_what_an_import_appended_without_a_restart(pool: PgPool) {
+    init();
+    let prefix = prefix();
+    let ing = Ingestor::start(&pool, MOSQUITTO, &prefix).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), MOSQUITTO, &prefix);
+    let (site, data) = (s.site_id.clone(), s.data_dir.clone());
+    let edge = start(s).await;
+    wait_until("the box subscribed", 30, || {
+        let h = edge.health.clone();
+        async move { h.ready() }
+    })
+    .await;
+    let legacy = records("idle", 0, 100);
+    let file = dir.path().join("sponsor_impressions.json");
+    std::fs::write(&file, serde_json::to_vec(&legacy).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_neopro-edge"))
+        .args(["import", "--json", "--site-id", &site])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let imported = std::time::Instant::now();
+    wait_until("the imported rows are delivered", 30, || {
+        let data = data.clone();
+        async move { outbox_ids(&data).is_empty() }
+    })
+    .await;
+    // The batch delay is 100 ms; delivery (publish, commit, receipt) is
+    // quick on loopback: well under what a restart-free poll allows.
+    assert!(imported.elapsed() < std::time::Duration::from_secs(10));
+    let want: HashSet<uuid::Uuid> = legacy.iter().map(|r| id_of(&site, r)).collect();
+    assert_stored_exactly_once(&pool, &site, &want).await;
+    assert_eq!(edge.outbox.counts(), edge_publisher::Counts::default());
+    edge.stop().await;
+    ing.stop().await;
+}
