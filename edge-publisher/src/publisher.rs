@@ -51,7 +51,7 @@
 
 use chrono::{Datelike, Utc};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, Publish, QoS};
-use schema::{BatchEnvelope, Receipt, SeqRange, SiteStatus, Topics, PAYLOAD_VERSION};
+use schema::{Receipt, SeqRange, SiteStatus, Topics, PAYLOAD_VERSION};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -519,13 +519,7 @@ impl Publisher {
         if claimed.is_empty() {
             return Ok(None);
         }
-        let payload = match encode_envelope(&s.site_id, self.outbox.outbox_id(), batch_id, &claimed) {
-            Ok(p) => p,
-            Err(e) => {
-                self.outbox.requeue(Some(batch_id)).await?;
-                return Err(e);
-            }
-        };
+        let payload = encode_envelope(&s.site_id, self.outbox.outbox_id(), batch_id, &claimed);
         let n = claimed.len();
         if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
             self.outbox.requeue(Some(batch_id)).await?;
@@ -639,39 +633,21 @@ impl Publisher {
     }
 }
 
-/// Builds the JSON of a [`BatchEnvelope`] around already-serialised
-/// impressions (the outbox stores each as the exact JSON the envelope needs
-/// and hands a claim over joined by commas), without parsing them again.
-///
-/// It splices the bodies into the schema's own encoding of the envelope,
-/// which must end with its empty `"impressions":[]`; if the schema's
-/// encoding ever changes shape this is an error (the batch is requeued and
-/// the box logs it), never an envelope without its impressions.
-pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: &Claimed) -> anyhow::Result<Vec<u8>> {
+/// The envelope of a claim: its bodies spliced as they are stored (the
+/// outbox keeps each impression as the exact JSON an envelope carries) by
+/// `schema`, which owns the wire format.
+pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: &Claimed) -> Vec<u8> {
     let seqs = claimed.seqs();
     let first = seqs.iter().copied().min().unwrap_or(0);
     let last = seqs.iter().copied().max().unwrap_or(0);
-    let shell = BatchEnvelope {
-        v: PAYLOAD_VERSION,
-        site_id: site_id.to_owned(),
+    schema::encode_envelope_from_bodies(
+        site_id,
         outbox_id,
         batch_id,
-        seq: SeqRange { first, last },
-        sent_at: Utc::now(),
-        impressions: Vec::new(),
-    };
-    let head = shell.encode();
-    const TAIL: &[u8] = b"\"impressions\":[]}";
-    anyhow::ensure!(
-        head.ends_with(TAIL),
-        "the schema's envelope encoding no longer ends with an empty impressions array; this build cannot splice bodies into it"
-    );
-    let bodies = claimed.joined_bodies();
-    let mut out = Vec::with_capacity(head.len() + bodies.len());
-    out.extend_from_slice(&head[..head.len() - 2]);
-    out.extend_from_slice(bodies);
-    out.extend_from_slice(b"]}");
-    Ok(out)
+        SeqRange { first, last },
+        claimed.joined_bodies(),
+        Utc::now(),
+    )
 }
 
 async fn io_loop(
@@ -756,7 +732,7 @@ mod tests {
             claimed.push(seq, serde_json::to_string(&imp).unwrap().as_bytes());
         }
         let (outbox_id, batch_id) = (Uuid::now_v7(), Uuid::now_v7());
-        let payload = encode_envelope("s1", outbox_id, batch_id, &claimed).unwrap();
+        let payload = encode_envelope("s1", outbox_id, batch_id, &claimed);
         let d = schema::decode_envelope("s1", &payload, Utc::now()).unwrap();
         assert_eq!((d.outbox_id, d.batch_id), (outbox_id, batch_id));
         assert_eq!(d.seq, SeqRange { first: 1, last: 3 });

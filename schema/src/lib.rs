@@ -34,7 +34,7 @@ pub use body::{parse_body, parse_body_value, BodyShape, ParsedBody};
 pub use ids::derive_impression_id;
 pub use impression::{parse_impression, parse_timestamp, EventType, Impression, ParseContext, Period, TriggerType};
 pub use mqtt::{
-    decode_envelope, BatchEnvelope, DecodedBatch, EnvelopeError, Receipt, ReceiptRejection, RejectedEnvelope,
-    RejectedImpression, SeqRange, SiteStatus, TopicKind, Topics, PAYLOAD_VERSION,
+    decode_envelope, encode_envelope_from_bodies, BatchEnvelope, DecodedBatch, EnvelopeError, Receipt,
+    ReceiptRejection, RejectedEnvelope, RejectedImpression, SeqRange, SiteStatus, TopicKind, Topics, PAYLOAD_VERSION,
 };
 pub use validate::FieldError;
