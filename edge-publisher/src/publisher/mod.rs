@@ -48,14 +48,29 @@
 //! other owns the publishing state and talks to the outbox. Receipts are acked
 //! manually, in arrival order, after they were applied, so a crash between
 //! the two makes the broker redeliver the receipt rather than lose it.
+//!
+//! # The loop
+//!
+//! When to publish and what to resend is decided by a state machine with
+//! no I/O (`machine.rs`: its states are named in [`machine::State`], its
+//! transitions tested without a broker). [`Publisher::run`] is the thin
+//! loop around it: it turns what happens into events, executes the actions
+//! they return (subscribe, requeue, publish the status, disconnect), and
+//! publishes a batch when the machine says one is due. `health.rs` holds
+//! the counters the stats endpoint shows, `io.rs` the event loop task.
 
-use chrono::{Datelike, Utc};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, Publish, QoS};
+mod health;
+mod io;
+mod machine;
+
+pub use health::{clock_synced, BrokerHealth, BrokerSnapshot, Ignored};
+
+use chrono::Utc;
+use rumqttc::{AsyncClient, LastWill, Publish, QoS};
 use schema::{Receipt, SeqRange, SiteStatus, Topics, PAYLOAD_VERSION};
-use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -64,6 +79,8 @@ use uuid::Uuid;
 
 use crate::outbox::{Claimed, Outbox};
 use crate::settings::Settings;
+use io::{io_loop, IoEvent};
+use machine::{Action, Event, Limits, Machine, Next};
 
 /// Bytes reserved for the envelope header when sizing a batch.
 const ENVELOPE_OVERHEAD: usize = 512;
@@ -77,160 +94,6 @@ const ENVELOPE_OVERHEAD: usize = 512;
 /// leave its rows republished forever.
 pub const MAX_RECEIPT_BYTES: usize = schema::mqtt::MAX_PACKET_BYTES;
 
-/// Why a message on the receipts subscription was ignored (the `reason`
-/// label of `edge_receipts_ignored_total`; the module doc has the table).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ignored {
-    Retained,
-    WrongTopic,
-    Oversized,
-    Unreadable,
-    OtherSite,
-    OtherOutbox,
-    UnknownBatch,
-    OutsideBatch,
-}
-
-impl Ignored {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Ignored::Retained => "retained",
-            Ignored::WrongTopic => "wrong_topic",
-            Ignored::Oversized => "oversized",
-            Ignored::Unreadable => "unreadable",
-            Ignored::OtherSite => "other_site",
-            Ignored::OtherOutbox => "other_outbox",
-            Ignored::UnknownBatch => "unknown_batch",
-            Ignored::OutsideBatch => "outside_batch",
-        }
-    }
-}
-
-/// Broker-side state, shared with the HTTP stats endpoint.
-#[derive(Debug, Default)]
-pub struct BrokerHealth {
-    connected: AtomicBool,
-    /// The broker acknowledged the receipts subscription on the current
-    /// connection (a receipt for anything published from now on reaches us).
-    subscribed: AtomicBool,
-    connects: AtomicU64,
-    sessions_lost: AtomicU64,
-    last_receipt_ms: AtomicI64,
-    last_change_ms: AtomicI64,
-    last_error: Mutex<Option<String>>,
-    published_batches: AtomicU64,
-    republished_batches: AtomicU64,
-    receipts: AtomicU64,
-    /// Messages ignored on the receipts subscription, by reason.
-    ignored: Mutex<BTreeMap<&'static str, u64>>,
-}
-
-/// A snapshot of [`BrokerHealth`] for the stats endpoint.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BrokerSnapshot {
-    pub connected: bool,
-    pub url: String,
-    pub connects: u64,
-    pub sessions_lost: u64,
-    pub since: Option<chrono::DateTime<Utc>>,
-    pub last_error: Option<String>,
-    pub last_receipt_at: Option<chrono::DateTime<Utc>>,
-    pub published_batches: u64,
-    pub republished_batches: u64,
-    pub receipts: u64,
-    /// Messages on the receipts subscription ignored since start, by
-    /// reason (`edge_receipts_ignored_total{reason}` of this edge).
-    pub receipts_ignored: BTreeMap<String, u64>,
-}
-
-impl BrokerHealth {
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
-    }
-
-    /// Connected, and the receipts subscription of this connection is
-    /// acknowledged: a session ready to publish and be answered.
-    pub fn ready(&self) -> bool {
-        self.connected() && self.subscribed.load(Ordering::Acquire)
-    }
-
-    pub fn snapshot(&self, url: String) -> BrokerSnapshot {
-        let ms = |a: &AtomicI64| {
-            let v = a.load(Ordering::Acquire);
-            (v > 0)
-                .then(|| chrono::TimeZone::timestamp_millis_opt(&Utc, v).single())
-                .flatten()
-        };
-        BrokerSnapshot {
-            connected: self.connected(),
-            url,
-            connects: self.connects.load(Ordering::Acquire),
-            sessions_lost: self.sessions_lost.load(Ordering::Acquire),
-            since: ms(&self.last_change_ms),
-            last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
-            last_receipt_at: ms(&self.last_receipt_ms),
-            published_batches: self.published_batches.load(Ordering::Acquire),
-            republished_batches: self.republished_batches.load(Ordering::Acquire),
-            receipts: self.receipts.load(Ordering::Acquire),
-            receipts_ignored: self
-                .ignored
-                .lock()
-                .map(|m| m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
-                .unwrap_or_default(),
-        }
-    }
-
-    /// How many messages were ignored for `reason` since start.
-    pub fn ignored(&self, reason: Ignored) -> u64 {
-        self.ignored
-            .lock()
-            .map(|m| m.get(reason.as_str()).copied().unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    fn count_ignored(&self, reason: Ignored) {
-        metrics::counter!("edge_receipts_ignored_total", "reason" => reason.as_str()).increment(1);
-        if let Ok(mut m) = self.ignored.lock() {
-            *m.entry(reason.as_str()).or_default() += 1;
-        }
-    }
-
-    fn set_connected(&self, c: bool) {
-        if !c {
-            self.subscribed.store(false, Ordering::Release);
-        }
-        self.connected.store(c, Ordering::Release);
-        self.last_change_ms
-            .store(Utc::now().timestamp_millis(), Ordering::Release);
-    }
-}
-
-/// Whether the system clock can be trusted for `played_at`: a Pi has no RTC
-/// and boots in the past until NTP syncs. Honest and simple: the year must be
-/// at least 2020, and when systemd-timesyncd is in use
-/// (`/run/systemd/timesync` exists) its `synchronized` flag file must exist.
-pub fn clock_synced() -> bool {
-    let year_ok = Utc::now().year() >= 2020;
-    let dir = std::path::Path::new("/run/systemd/timesync");
-    if dir.is_dir() {
-        year_ok && dir.join("synchronized").exists()
-    } else {
-        year_ok
-    }
-}
-
-enum IoEvent {
-    ConnAck { session_present: bool },
-    Message(Publish),
-    Disconnected,
-}
-
-struct InFlight {
-    published: Instant,
-    count: usize,
-}
-
 /// The publishing half of an edge.
 pub struct Publisher {
     settings: Settings,
@@ -238,6 +101,12 @@ pub struct Publisher {
     health: Arc<BrokerHealth>,
     topics: Topics,
     gate: Option<watch::Receiver<bool>>,
+}
+
+/// The topics a session publishes and subscribes to besides the impressions.
+struct SessionTopics {
+    receipts: String,
+    status: String,
 }
 
 /// Holds a box's publishing back while its session is established
@@ -341,17 +210,21 @@ impl Publisher {
         ));
 
         let impressions_topic = self.topics.impressions(&s.site_id);
-        let receipts_topic = self.topics.receipts(&s.site_id);
+        let topics = SessionTopics {
+            receipts: self.topics.receipts(&s.site_id),
+            status: status_topic,
+        };
         let delay = s.batch_delay();
         let timeout = s.receipt_timeout();
-        let mut inflight: HashMap<Uuid, InFlight> = HashMap::new();
-        let mut connected = false;
-        // When a partial batch is due: `batch_delay` after the first unsent
-        // row was seen. Rows found at start (stored before this process, or
-        // requeued at open) and rows requeued later (session lost, receipt
-        // timeout) have waited long enough already: they are due at once.
-        let mut due_at: Option<Instant> = (self.outbox.counts().unsent > 0).then(Instant::now);
-        let mut stalled = false;
+        let mut gate = self.gate.clone();
+        let held = gate.as_ref().is_some_and(|g| !*g.borrow());
+        let limits = Limits {
+            batch_delay: delay,
+            receipt_timeout: timeout,
+            max_inflight_batches: s.max_inflight_batches,
+            batch_max_impressions: s.batch_max_impressions,
+        };
+        let mut machine = Machine::new(limits, held, self.outbox.counts().unsent, Instant::now());
         let mut status_tick = tokio::time::interval(Duration::from_millis(s.status_interval_ms.max(1000)));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut check_tick =
@@ -362,137 +235,73 @@ impl Publisher {
         // so within the batch delay, and published at once.
         let mut refresh_tick = tokio::time::interval((delay / 2).max(Duration::from_millis(50)));
         refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut gate = self.gate.clone();
 
         loop {
-            let released = gate.as_ref().is_none_or(|g| *g.borrow());
-            // Publish what is due, within the in-flight bound.
-            let unsent = self.outbox.counts().unsent;
-            if unsent == 0 {
-                due_at = None;
-            } else if due_at.is_none() {
-                due_at = Some(Instant::now() + delay);
-            }
-            if connected && released && !stalled && inflight.len() < s.max_inflight_batches && unsent > 0 {
-                let full = unsent >= s.batch_max_impressions as u64;
-                if full || due_at.is_some_and(|d| Instant::now() >= d) {
-                    match self.publish_batch(&client, &impressions_topic).await {
-                        Ok(Some((id, n))) => {
-                            inflight.insert(
-                                id,
-                                InFlight {
-                                    published: Instant::now(),
-                                    count: n,
-                                },
-                            );
-                        }
-                        Ok(None) => stalled = true,
+            let wake = match machine.next(self.outbox.counts().unsent, Instant::now()) {
+                Next::Publish => {
+                    let published = match self.publish_batch(&client, &impressions_topic).await {
+                        Ok(Some((batch_id, count))) => Event::Published { batch_id, count },
+                        Ok(None) => Event::ClaimedNothing,
                         Err(e) => {
                             tracing::warn!(error = %e, "publishing a batch failed");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            Event::PublishFailed
                         }
-                    }
+                    };
+                    self.step(&mut machine, published, &client, &topics).await;
                     continue;
                 }
-            }
-            let wake = match due_at {
-                _ if stalled => Instant::now() + Duration::from_secs(1),
-                Some(d) if connected && released && inflight.len() < s.max_inflight_batches => d,
-                _ => Instant::now() + Duration::from_secs(3600),
+                Next::Sleep(wake) => wake,
             };
-            stalled = false;
-            tokio::select! {
-                () = shutdown.cancelled() => break,
+            let event = tokio::select! {
+                () = shutdown.cancelled() => Event::Shutdown,
                 ev = rx.recv() => match ev {
-                    None => break,
-                    Some(IoEvent::ConnAck { session_present }) => {
-                        connected = true;
-                        if let Err(e) = client.subscribe(receipts_topic.clone(), QoS::AtLeastOnce).await {
-                            tracing::warn!(error = %e, "subscribing to receipts failed");
-                        }
-                        if session_present {
-                            let now = Instant::now();
-                            for b in inflight.values_mut() {
-                                b.published = now;
-                            }
-                        } else {
-                            inflight.clear();
-                            match self.outbox.requeue(None).await {
-                                Ok(n) if n > 0 => {
-                                    due_at = Some(Instant::now());
-                                    self.health.sessions_lost.fetch_add(1, Ordering::AcqRel);
-                                    tracing::warn!(requeued = n, "broker has no session for us: unconfirmed impressions will be published again");
-                                }
-                                Ok(_) => {}
-                                Err(e) => tracing::error!(error = %e, "requeue after session loss failed"),
-                            }
-                        }
-                        let st = self.status_with_age(true).await;
-                        let _ = client.publish(status_topic.clone(), QoS::AtLeastOnce, true, st.encode()).await;
-                    }
-                    Some(IoEvent::Disconnected) => connected = false,
+                    None => Event::Shutdown,
+                    Some(IoEvent::ConnAck { session_present }) => Event::ConnAck { session_present },
+                    Some(IoEvent::Disconnected) => Event::Disconnected,
                     Some(IoEvent::Message(p)) => {
-                        self.on_message(&p, &receipts_topic, &mut inflight).await;
+                        let settled = self.on_message(&p, &topics.receipts).await;
                         // Whatever it was: acknowledged, or the persistent
                         // session would deliver it again at every reconnect.
                         if let Err(e) = client.ack(&p).await {
                             tracing::debug!(error = %e, "ack failed");
                         }
+                        match settled {
+                            Some(batch_id) => Event::BatchSettled(batch_id),
+                            None => continue,
+                        }
                     }
                 },
-                () = self.outbox.pending_notified() => {}
-                () = tokio::time::sleep_until(wake) => {}
+                () = self.outbox.pending_notified() => continue,
+                () = tokio::time::sleep_until(wake) => continue,
                 _ = refresh_tick.tick() => match self.outbox.refresh().await {
-                    Ok(true) if self.outbox.counts().unsent > 0 => due_at = Some(Instant::now()),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "looking for other writers' commits failed"),
+                    Ok(found) => Event::Refreshed { found, unsent: self.outbox.counts().unsent },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "looking for other writers' commits failed");
+                        continue;
+                    }
                 },
-                r = async { gate.as_mut().expect("guarded").changed().await }, if !released => {
-                    // Opened (or the gate was dropped, which opens it too).
-                    if r.is_err() {
-                        gate = None;
-                    }
-                }
-                _ = status_tick.tick() => {
-                    if connected {
-                        let st = self.status_with_age(true).await;
-                        let _ = client.publish(status_topic.clone(), QoS::AtLeastOnce, true, st.encode()).await;
-                    }
-                }
-                _ = check_tick.tick() => {
-                    if connected {
-                        let now = Instant::now();
-                        let expired: Vec<Uuid> = inflight
-                            .iter()
-                            .filter(|(_, b)| now.duration_since(b.published) >= timeout)
-                            .map(|(id, _)| *id)
-                            .collect();
-                        for id in expired {
-                            let b = inflight.remove(&id);
-                            match self.outbox.requeue(Some(id)).await {
-                                Ok(n) => {
-                                    if n > 0 {
-                                        due_at = Some(Instant::now());
-                                        self.health.republished_batches.fetch_add(1, Ordering::AcqRel);
-                                        metrics::counter!("edge_batches_receipt_timeout_total").increment(1);
-                                        tracing::info!(batch_id = %id, impressions = n, of = b.map(|b| b.count).unwrap_or(0), "no receipt in time: republishing");
-                                    }
-                                }
-                                Err(e) => tracing::error!(error = %e, "requeue failed"),
-                            }
+                r = async { gate.as_mut().expect("guarded").changed().await }, if gate.is_some() && machine.held() => {
+                    match r {
+                        Ok(()) => Event::Gate { open: *gate.as_ref().expect("guarded").borrow() },
+                        // Dropped: that opens it too.
+                        Err(_) => {
+                            gate = None;
+                            Event::Gate { open: true }
                         }
                     }
                 }
+                _ = status_tick.tick() => Event::StatusTick,
+                _ = check_tick.tick() => Event::CheckTick,
+            };
+            let stop = event == Event::Shutdown;
+            self.step(&mut machine, event, &client, &topics).await;
+            if stop {
+                break;
             }
         }
 
-        // Graceful stop: tell the world we are offline (the will only fires on
-        // an unclean disconnect), then disconnect.
-        if connected {
-            let st = self.status(false);
-            let _ = client.publish(status_topic, QoS::AtLeastOnce, true, st.encode()).await;
-            let _ = client.disconnect().await;
-        }
+        // Graceful stop: the machine published the offline status and
+        // disconnected if it was connected; wait for the event loop to say so.
         if tokio::time::timeout(Duration::from_secs(3), async {
             while let Some(ev) = rx.recv().await {
                 if matches!(ev, IoEvent::Disconnected) {
@@ -509,6 +318,77 @@ impl Publisher {
         let _ = io.await;
         self.health.set_connected(false);
         Ok(())
+    }
+
+    /// Feeds `event` to the machine and executes the actions it returns,
+    /// feeding back what they report, until nothing is left.
+    async fn step(&self, machine: &mut Machine, event: Event, client: &AsyncClient, topics: &SessionTopics) {
+        let mut events = VecDeque::from([event]);
+        while let Some(event) = events.pop_front() {
+            for action in machine.on(event, Instant::now()) {
+                events.extend(self.execute(action, client, topics).await);
+            }
+        }
+    }
+
+    /// Executes one action of the machine; returns what it needs to know
+    /// of the outcome.
+    async fn execute(&self, action: Action, client: &AsyncClient, topics: &SessionTopics) -> Option<Event> {
+        match action {
+            Action::Subscribe => {
+                if let Err(e) = client.subscribe(topics.receipts.clone(), QoS::AtLeastOnce).await {
+                    tracing::warn!(error = %e, "subscribing to receipts failed");
+                }
+                None
+            }
+            Action::RequeueAll => match self.outbox.requeue(None).await {
+                Ok(n) if n > 0 => {
+                    self.health.sessions_lost.fetch_add(1, Ordering::AcqRel);
+                    tracing::warn!(
+                        requeued = n,
+                        "broker has no session for us: unconfirmed impressions will be published again"
+                    );
+                    Some(Event::Requeued { rows: n })
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "requeue after session loss failed");
+                    None
+                }
+            },
+            Action::RequeueBatch { batch_id, count } => match self.outbox.requeue(Some(batch_id)).await {
+                Ok(n) if n > 0 => {
+                    self.health.republished_batches.fetch_add(1, Ordering::AcqRel);
+                    metrics::counter!("edge_batches_receipt_timeout_total").increment(1);
+                    tracing::info!(%batch_id, impressions = n, of = count, "no receipt in time: republishing");
+                    Some(Event::Requeued { rows: n })
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "requeue failed");
+                    None
+                }
+            },
+            Action::PublishStatus { online } => {
+                let st = if online {
+                    self.status_with_age(true).await
+                } else {
+                    self.status(false)
+                };
+                let _ = client
+                    .publish(topics.status.clone(), QoS::AtLeastOnce, true, st.encode())
+                    .await;
+                None
+            }
+            Action::Disconnect => {
+                let _ = client.disconnect().await;
+                None
+            }
+            Action::Pause(d) => {
+                tokio::time::sleep(d).await;
+                None
+            }
+        }
     }
 
     async fn publish_batch(&self, client: &AsyncClient, topic: &str) -> anyhow::Result<Option<(Uuid, usize)>> {
@@ -534,7 +414,8 @@ impl Publisher {
 
     /// Handles one message of the receipts subscription (module doc, "What
     /// a receipt may settle"); the caller acknowledges it afterwards.
-    async fn on_message(&self, p: &Publish, receipts_topic: &str, inflight: &mut HashMap<Uuid, InFlight>) {
+    /// Returns the batch the receipt settled whole, if it did.
+    async fn on_message(&self, p: &Publish, receipts_topic: &str) -> Option<Uuid> {
         let ignored = if p.retain {
             Some(Ignored::Retained)
         } else if p.topic != receipts_topic {
@@ -547,19 +428,22 @@ impl Publisher {
         if let Some(reason) = ignored {
             tracing::warn!(topic = %p.topic, bytes = p.payload.len(), retained = p.retain, reason = reason.as_str(), "message on the receipts subscription ignored");
             self.health.count_ignored(reason);
-            return;
+            return None;
         }
-        self.apply_receipt(&p.payload, inflight).await;
+        self.apply_receipt(&p.payload).await
     }
 
-    async fn apply_receipt(&self, payload: &[u8], inflight: &mut HashMap<Uuid, InFlight>) {
-        let ignore = |reason: Ignored, detail: &dyn std::fmt::Display| {
+    /// Applies one receipt; returns its batch when it settled the whole
+    /// batch (no longer in flight).
+    async fn apply_receipt(&self, payload: &[u8]) -> Option<Uuid> {
+        let ignore = |reason: Ignored, detail: &dyn std::fmt::Display| -> Option<Uuid> {
             tracing::warn!(
                 reason = reason.as_str(),
                 bytes = payload.len(),
                 "receipt ignored: {detail}"
             );
             self.health.count_ignored(reason);
+            None
         };
         let r = match Receipt::decode(payload) {
             Ok(r) => r,
@@ -590,7 +474,10 @@ impl Publisher {
         let settled = match self.outbox.settle_batch(r.batch_id, proposed).await {
             Ok(s) => s,
             // The batch stays in flight: its timeout republishes it and a new receipt follows.
-            Err(e) => return tracing::error!(error = %e, batch_id = %r.batch_id, "applying a receipt failed"),
+            Err(e) => {
+                tracing::error!(error = %e, batch_id = %r.batch_id, "applying a receipt failed");
+                return None;
+            }
         };
         if !settled.known_batch {
             return ignore(
@@ -602,7 +489,7 @@ impl Publisher {
             );
         }
         if settled.outside {
-            ignore(
+            let _ = ignore(
                 Ignored::OutsideBatch,
                 &format_args!(
                     "batch {} named seqs outside its batch (ignored; {} of its own settled)",
@@ -610,9 +497,8 @@ impl Publisher {
                 ),
             );
         }
-        if settled.remaining == 0 {
-            inflight.remove(&r.batch_id);
-        } else {
+        let settled_whole = (settled.remaining == 0).then_some(r.batch_id);
+        if settled_whole.is_none() {
             tracing::warn!(batch_id = %r.batch_id, settled = settled.settled, remaining = settled.remaining, "a receipt settled part of its batch: the rest is published again after the receipt timeout");
         }
         if !r.rejected.is_empty() || r.rejected_range.is_some() {
@@ -630,6 +516,7 @@ impl Publisher {
         metrics::counter!("edge_receipts_total").increment(1);
         metrics::counter!("edge_impressions_confirmed_total").increment(settled.settled);
         tracing::debug!(batch_id = %r.batch_id, confirmed = settled.settled, inserted = r.inserted, duplicates = r.duplicates, "receipt applied");
+        settled_whole
     }
 }
 
@@ -648,71 +535,6 @@ pub fn encode_envelope(site_id: &str, outbox_id: Uuid, batch_id: Uuid, claimed: 
         claimed.joined_bodies(),
         Utc::now(),
     )
-}
-
-async fn io_loop(
-    mut eventloop: EventLoop,
-    tx: mpsc::UnboundedSender<IoEvent>,
-    stop: CancellationToken,
-    min: Duration,
-    max: Duration,
-    health: Arc<BrokerHealth>,
-    url: String,
-) {
-    let mut backoff = runtime::backoff(min, max);
-    let mut was_connected = false;
-    loop {
-        let ev = tokio::select! {
-            () = stop.cancelled() => return,
-            ev = eventloop.poll() => ev,
-        };
-        match ev {
-            Ok(Event::Incoming(Packet::ConnAck(c))) => {
-                backoff = runtime::backoff(min, max);
-                health.set_connected(true);
-                health.connects.fetch_add(1, Ordering::AcqRel);
-                metrics::gauge!("edge_broker_connected").set(1.0);
-                tracing::info!(broker = %url, session_present = c.session_present, "connected to the broker");
-                was_connected = true;
-                let _ = tx.send(IoEvent::ConnAck {
-                    session_present: c.session_present,
-                });
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let _ = tx.send(IoEvent::Message(p));
-            }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                // The receipts topic is this client's only subscription.
-                health.subscribed.store(true, Ordering::Release);
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                health.set_connected(false);
-                let _ = tx.send(IoEvent::Disconnected);
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let msg = e.to_string();
-                if was_connected {
-                    tracing::warn!(broker = %url, error = %msg, "broker connection lost");
-                } else {
-                    tracing::debug!(broker = %url, error = %msg, "broker connection failed");
-                }
-                was_connected = false;
-                health.set_connected(false);
-                metrics::gauge!("edge_broker_connected").set(0.0);
-                if let Ok(mut g) = health.last_error.lock() {
-                    *g = Some(msg.clone());
-                }
-                let _ = tx.send(IoEvent::Disconnected);
-                let wait = backoff.next().unwrap_or(max);
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
