@@ -31,8 +31,11 @@ use tokio::task::JoinHandle;
 
 use crate::settings::Settings;
 
-/// Queue of receipts to publish: (topic, payload).
-pub type ReceiptTx = mpsc::Sender<(String, Vec<u8>)>;
+/// A receipt to publish: (topic, encoded payload).
+pub type EncodedReceipt = (String, Vec<u8>);
+
+/// Queue of receipts to publish.
+pub type ReceiptTx = mpsc::Sender<EncodedReceipt>;
 
 /// The running publisher; [`ReceiptPublisher::finish`] flushes it.
 pub struct ReceiptPublisher {
@@ -50,7 +53,7 @@ impl ReceiptPublisher {
         copts.keep_alive = Duration::from_secs(settings.mqtt_keep_alive_secs.max(5));
         copts.request_channel_capacity = 1024;
         let (client, mut eventloop) = runtime::mqtt::client(url, &copts, |_| {})?;
-        let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(100_000);
+        let (tx, mut rx) = mpsc::channel::<EncodedReceipt>(100_000);
         let closing = Arc::new(AtomicBool::new(false));
 
         let closing_poll = closing.clone();
