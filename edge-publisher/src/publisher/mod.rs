@@ -52,7 +52,7 @@
 //! # The loop
 //!
 //! When to publish and what to resend is decided by a state machine with
-//! no I/O (`machine.rs`: its states are named in [`machine::State`], its
+//! no I/O (`machine.rs`: its states are named in `machine::State`, its
 //! transitions tested without a broker). [`Publisher::run`] is the thin
 //! loop around it: it turns what happens into events, executes the actions
 //! they return (subscribe, requeue, publish the status, disconnect), and
