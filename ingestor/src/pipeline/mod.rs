@@ -11,8 +11,9 @@
 //! of their own, see [`crate::receipts`]). That makes the
 //! acknowledgement rule race-free:
 //!
-//! * each received message is tagged with the connection *generation*, which
-//!   this task bumps when `poll` returns an error;
+//! * each received message is tagged with the connection *generation*,
+//!   bumped when `poll` returns an error (the machine's
+//!   [`machine::Event::ConnectionLost`]);
 //! * `poll`'s error path calls `EventLoop::clean`, which drops every PUBACK
 //!   still queued, so an ack enqueued for the old connection is either written
 //!   on it or dropped; it can never reach the new connection;
@@ -47,8 +48,8 @@
 //! `max_envelope_bytes`), retained, an impressions topic whose site is not
 //! topic-safe: dead-lettered with its reason and counted
 //! (`ingestor_rejected_total{reason}`); on a topic that is not an impressions
-//! topic (another subscription of the persistent session): acked at once
-//! and counted (`ingestor_messages_ignored_total`). What a refused message
+//! topic (another subscription of the persistent session): done at once,
+//! acked in its turn and counted (`ingestor_messages_ignored_total`). What a refused message
 //! gets as a receipt is decided in [`crate::decode`]. The connection itself
 //! breaks only on a packet above `max_incoming_packet_bytes` (16 MiB), far
 //! above what any broker we configure forwards (see
