@@ -15,23 +15,36 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../schema/migrations");
 /// Default database for a fresh machine of our kind (trust auth, user postgres).
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/neopro";
 
+/// `name` as a PostgreSQL identifier (double-quoted, inner quotes doubled),
+/// so any database name is one name in a statement.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A connection to the `postgres` maintenance database of the server of
+/// `opts` (DROP and CREATE DATABASE cannot run inside the database itself).
+async fn connect_maintenance(opts: &PgConnectOptions) -> anyhow::Result<sqlx::PgConnection> {
+    opts.clone()
+        .database("postgres")
+        // DROP … WITH (FORCE) waits for the terminated sessions: not "slow".
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(30))
+        .connect()
+        .await
+        .context("connecting to the postgres database")
+}
+
 /// Creates the database named in `url` if it does not exist (connecting to the
 /// `postgres` maintenance database of the same server).
 pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     let opts = PgConnectOptions::from_str(url).context("invalid database URL")?;
     let name = opts.get_database().unwrap_or("postgres").to_owned();
-    let mut admin = opts
-        .clone()
-        .database("postgres")
-        .connect()
-        .await
-        .context("connecting to the postgres database")?;
+    let mut admin = connect_maintenance(&opts).await?;
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(&name)
         .fetch_one(&mut admin)
         .await?;
     if !exists {
-        let q = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        let q = format!("CREATE DATABASE {}", quote_ident(&name));
         match sqlx::query(&q).execute(&mut admin).await {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // Lost a race with another creator: fine.
@@ -41,6 +54,37 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     }
     admin.close().await.ok();
     Ok(())
+}
+
+/// Drops the database named in `url` if it exists, terminating its sessions
+/// first (`WITH (FORCE)`): the throw-away databases of benchmarks, demos and
+/// tests, whose counts must start from nothing. Refuses the server's own
+/// databases (`postgres`, `template0`, `template1`) and a URL naming none.
+pub async fn drop_database(url: &str) -> anyhow::Result<()> {
+    let opts = PgConnectOptions::from_str(url).context("invalid database URL")?;
+    let name = opts
+        .get_database()
+        .context("the database URL names no database")?
+        .to_owned();
+    anyhow::ensure!(
+        !matches!(name.as_str(), "postgres" | "template0" | "template1"),
+        "refusing to drop the maintenance database '{name}'"
+    );
+    let mut admin = connect_maintenance(&opts).await?;
+    let q = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&name));
+    sqlx::query(&q)
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("dropping database {name}"))?;
+    admin.close().await.ok();
+    Ok(())
+}
+
+/// Drops (see [`drop_database`]) and creates again the database named in
+/// `url`, empty: no migrations applied.
+pub async fn recreate_database(url: &str) -> anyhow::Result<()> {
+    drop_database(url).await?;
+    create_database_if_missing(url).await
 }
 
 /// A pool with sane timeouts: acquiring never hangs forever, and broken
@@ -138,5 +182,61 @@ mod tests {
         assert_eq!(classify_sqlstate("22P02"), ErrorClass::Permanent);
         assert_eq!(classify_sqlstate("23514"), ErrorClass::Permanent);
         assert_eq!(classify_sqlstate("XX000"), ErrorClass::Transient);
+    }
+
+    fn server() -> String {
+        std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+    }
+
+    fn named(name: &str) -> String {
+        let mut u = url::Url::parse(&server()).expect("DATABASE_URL");
+        u.set_path(&format!("/{name}"));
+        u.to_string()
+    }
+
+    async fn exists(name: &str) -> bool {
+        let opts = PgConnectOptions::from_str(&server()).expect("DATABASE_URL");
+        let mut admin = connect_maintenance(&opts).await.expect("PostgreSQL is running");
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("pg_database")
+    }
+
+    /// A re-created database is empty even while a session holds it open,
+    /// and a name that needs quoting is one name.
+    #[tokio::test]
+    async fn recreate_empties_a_database_in_use_and_drop_removes_it() {
+        let name = format!("neopro_db_test_{}\"x", std::process::id());
+        let url = named(&name);
+        recreate_database(&url).await.expect("first creation");
+        let mut held = PgConnectOptions::from_str(&url).unwrap().connect().await.unwrap();
+        sqlx::query("CREATE TABLE left_over (x int)")
+            .execute(&mut held)
+            .await
+            .unwrap();
+
+        recreate_database(&url).await.expect("re-creation with a session open");
+        let pool = connect(&url, 1).await.unwrap();
+        let left: Option<String> = sqlx::query_scalar("SELECT to_regclass('left_over')::text")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(left, None, "the re-created database is empty");
+        pool.close().await;
+
+        drop_database(&url).await.expect("drop");
+        assert!(!exists(&name).await, "{name} dropped");
+        drop_database(&url).await.expect("dropping a missing database is fine");
+    }
+
+    #[tokio::test]
+    async fn drop_refuses_the_servers_own_databases() {
+        for name in ["postgres", "template0", "template1"] {
+            let e = drop_database(&named(name)).await.expect_err(name);
+            assert!(e.to_string().contains("refusing"), "{name}: {e}");
+            assert!(exists(name).await, "{name} still there");
+        }
     }
 }
