@@ -21,14 +21,13 @@
 //!
 //! Modules: [`settings`] (config), [`outbox`] (SQLite, group commit, on-disk
 //! format), [`http`] (seed-compatible API), [`publisher`] (MQTT), [`commands`]
-//! (operator commands import/status/export), [`bench`] (the benchmark command).
+//! (operator commands import/status/export). Its benchmark is `neopro-sim
+//! bench-edge` (the simulator crate).
 
-pub mod bench;
 pub mod commands;
 pub mod http;
 pub mod outbox;
 pub mod publisher;
-pub mod receipt_peer;
 pub mod settings;
 
 use anyhow::Context;

@@ -64,8 +64,6 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Benchmark: POST throughput, drain rate, RSS, binary size, vs the seed's JSON file.
-    Bench(edge_publisher::bench::BenchArgs),
 }
 
 const DEFAULT_CONFIG: &str = "/etc/neopro/edge.toml";
@@ -164,6 +162,5 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             eprintln!("exported {n} impressions");
             Ok(())
         }
-        Some(Cmd::Bench(args)) => edge_publisher::bench::run(args.clone(), cli.mqtt_url.clone()).await,
     }
 }

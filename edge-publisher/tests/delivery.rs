@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use edge_publisher::receipt_peer::ReceiptPeer;
+use testkit::ReceiptPeer;
 use std::collections::{BTreeSet, HashSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use edge_publisher::receipt_peer::ReceiptPeer;
+use testkit::ReceiptPeer;
 use std::collections::HashSet;
 
 /// Our broker on an ephemeral port, a receipt peer that drops its first

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use edge_publisher::receipt_peer::ReceiptPeer;
+use testkit::ReceiptPeer;
 
 #[tokio::test]
 async fn seed_example_body_is_acknowledged_durable_then_delivered_with_its_fields() {

@@ -4,9 +4,9 @@
 //! keyed by `impression_id` (the database's unique key, without the database),
 //! and answers with a real [`Receipt`] on the site's receipts topic.
 //!
-//! Used by `neopro-edge bench` (drain rate without PostgreSQL in the loop) and
-//! by this crate's tests before/without the real ingestor. It can drop its
-//! first N answers to simulate lost receipts.
+//! Used by `neopro-sim bench-edge` (drain rate without PostgreSQL in the
+//! loop) and by the edge's tests that need receipts without the real
+//! ingestor. It can drop its first N answers to simulate lost receipts.
 
 use chrono::Utc;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
