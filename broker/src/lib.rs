@@ -6,14 +6,12 @@
 //! * [`credentials`], [`auth`]: re-exported from `runtime` (the accounts file, CONNECT checks).
 //! * [`mosquitto`]: the hosted path, a Mosquitto configuration with per-site ACLs.
 //! * [`app`]: the service (`/metrics`, `/healthz`, credentials reload).
-//! * [`bench`]: QoS 1 throughput against Mosquitto.
 //! * [`tls_front`]: the TLS listener (handshake deadline) relaying to rumqttd.
 //! * [`observe`]: router meters and alerts to Prometheus and logs.
 
 pub mod acl;
 pub mod app;
 pub mod backlog;
-pub mod bench;
 pub mod embedded;
 pub mod mosquitto;
 pub mod observe;

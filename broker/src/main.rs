@@ -1,5 +1,5 @@
 //! `neopro-broker`: the embedded MQTT broker for the NeoPro cloud host, and
-//! the tools around it (`passwd`, `mosquitto-config`, `bench`).
+//! the tools around it (`passwd`, `mosquitto-config`).
 
 use anyhow::Context;
 use broker::app::App;
@@ -134,29 +134,6 @@ enum Command {
         #[arg(long, default_value = "stderr")]
         log_dest: String,
     },
-    /// QoS 1 messages/s through neopro-broker and through Mosquitto.
-    Bench {
-        /// The Mosquitto to compare with.
-        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
-        mosquitto_url: runtime::mqtt::MqttUrl,
-        /// Messages per round and broker.
-        #[arg(long, default_value_t = 50_000)]
-        messages: usize,
-        /// Payload size (a typical batch envelope).
-        #[arg(long, default_value_t = 2048)]
-        payload_bytes: usize,
-        #[arg(long, default_value_t = 4)]
-        publishers: usize,
-        /// Unacknowledged QoS 1 messages per client.
-        #[arg(long, default_value_t = 100)]
-        inflight: u16,
-        /// Messages published but not yet received, all publishers together
-        /// (keep it under Mosquitto's max_queued_messages, default 1000).
-        #[arg(long, default_value_t = 500)]
-        window: usize,
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -218,25 +195,6 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Bench {
-            mosquitto_url,
-            messages,
-            payload_bytes,
-            publishers,
-            inflight,
-            window,
-            rounds,
-        }) => tokio::runtime::Runtime::new()?
-            .block_on(broker::bench::run(broker::bench::BenchOptions {
-                mosquitto_url,
-                messages,
-                payload_bytes,
-                publishers,
-                inflight,
-                window,
-                rounds,
-            }))
-            .map(|_| ()),
     }
 }
 
