@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .ci/setup
+# The fault and import tests run the service binaries as real child
+# processes (kill -9, a second writer of one outbox); they are built first so
+# those tests never find a stale binary, and never run cargo themselves.
+log "cargo build --workspace --bins"
+cargo build --workspace --bins
 log "cargo test --workspace"
 cargo test --workspace "$@"
 log "cargo test (vendored rumqttd, library)"
