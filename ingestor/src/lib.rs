@@ -26,9 +26,9 @@
 //!
 //! Modules: [`settings`] (config + CLI), [`decode`] (messages to rows and
 //! receipts, no I/O), [`store`] (the SQL write path), [`pipeline`] (MQTT,
-//! batching, acks), [`http`] (endpoints), [`bench`] (the benchmark command).
+//! batching, acks), [`http`] (endpoints). Its benchmark is `neopro-sim
+//! bench-ingestor` (the simulator crate).
 
-pub mod bench;
 pub mod copy;
 pub mod decode;
 pub mod fold;

@@ -33,6 +33,5 @@ async fn main() -> anyhow::Result<()> {
             app.run(shutdown).await
         }
         Some(Command::Migrate) => ingestor::migrate_command(&settings).await,
-        Some(Command::Bench(args)) => ingestor::bench::run(args, settings).await,
     }
 }

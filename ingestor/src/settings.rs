@@ -170,9 +170,6 @@ pub enum Command {
     Run,
     /// Apply the database migrations and create partitions ahead, then exit.
     Migrate,
-    /// Benchmark: publish N impressions through a broker, measure committed
-    /// rows/s and commit latency, compare with a raw COPY of the same rows.
-    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags shared by every subcommand.
@@ -242,7 +239,15 @@ pub struct CommonArgs {
 impl Cli {
     /// Settings from the file, `NEOPRO_INGESTOR__*` variables, and flags.
     pub fn load(&self) -> anyhow::Result<Settings> {
-        let c = &self.common;
+        self.common.load()
+    }
+}
+
+impl CommonArgs {
+    /// Settings from the file, `NEOPRO_INGESTOR__*` variables, and these
+    /// flags (what any command embedding the ingestor's flags runs).
+    pub fn load(&self) -> anyhow::Result<Settings> {
+        let c = self;
         let s = |v: &Option<usize>| v.map(|x| x.to_string());
         let overrides: Vec<(&str, Option<String>)> = vec![
             ("database_url", c.database_url.clone()),
@@ -270,7 +275,7 @@ impl Cli {
             ("migrate", c.no_migrate.then(|| "false".to_owned())),
         ];
         let settings: Settings = runtime::settings::load(
-            self.common.config.as_deref(),
+            c.config.as_deref(),
             Some(std::path::Path::new("/etc/neopro/ingestor.toml")),
             ENV_PREFIX,
             &overrides,
