@@ -7,17 +7,16 @@
 //! * exports: stats CSV, a PDF report, and the per-play playout log streamed
 //!   in constant memory,
 //! * the dashboard page (`/sponsors/:id/analytics`) with its embedded chart
-//!   library,
-//! * the `bench` command measuring all that on a realistic year.
+//!   library.
 //!
 //! One job per module: [`settings`] (config), [`auth`] (bearer tokens),
 //! [`catalogue`] (sponsors and rules), [`stats`] (the figures), [`export`]
 //! (CSV, playouts), [`pdf`] (the report), [`dashboard`] (page and assets),
-//! [`app`] (routes and serving), [`bench`] (the benchmark).
+//! [`app`] (routes and serving). Its benchmark, measuring all that on a
+//! realistic year, is `neopro-sim bench-analytics` (the simulator crate).
 
 pub mod app;
 pub mod auth;
-pub mod bench;
 pub mod catalogue;
 pub mod dashboard;
 pub mod error;

@@ -56,7 +56,6 @@ fn main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-            Command::Bench(args) => analytics::bench::run(settings, args).await,
         }
     })
 }

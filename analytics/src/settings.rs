@@ -144,9 +144,6 @@ pub enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
-    /// Load a realistic year into a bench database and measure the stats
-    /// endpoint (cold/warm), a baseline, and the playout export.
-    Bench(crate::bench::BenchArgs),
 }
 
 impl CommonArgs {
