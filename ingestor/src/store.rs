@@ -5,7 +5,7 @@
 //!
 //! 1. `SELECT lock_rollup_days_shared($days)`: the shared advisory locks of the
 //!    rollup days touched, so that `calculate_sponsor_daily_stats(day)` never
-//!    interleaves with an increment (protocol of migration `..._rollups.sql`);
+//!    interleaves with an increment (protocol of migration `20261207000003_daily_rollup.sql`);
 //! 2. dead letters (`impressions_rejected`), one `INSERT ... SELECT FROM UNNEST`;
 //! 3. the rows: by default an optimistic binary `COPY` straight into the
 //!    partitioned table ([`crate::copy`]; the bulk of the work, done
@@ -541,7 +541,7 @@ async fn insert_dead(conn: &mut PgConnection, dls: &[&DeadLetter]) -> Result<(),
 /// writers waited 140-160 ms for their connections, about a tenth of the
 /// burst's 2.5 s; after a restart with a backlog, that is the same stall at
 /// the worst time. Nothing is written: the COPY sends no row, the queue
-/// insert gets empty arrays, the partitions of recent plays are read
+/// COPY sends none either, the partitions of recent plays are read
 /// through each index with a key that matches nothing.
 pub async fn warm_up(pool: &PgPool, connections: usize) -> Result<(), sqlx::Error> {
     let mut conns = Vec::with_capacity(connections);
