@@ -5,10 +5,10 @@
 
 mod common;
 use common::*;
-use testkit::ReceiptPeer;
 use std::collections::{BTreeSet, HashSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use testkit::ReceiptPeer;
 
 fn seqs_are_contiguous(peer: &ReceiptPeer) -> bool {
     let p = peer.state.lock().unwrap();

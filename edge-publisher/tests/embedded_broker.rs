@@ -3,8 +3,8 @@
 
 mod common;
 use common::*;
-use testkit::ReceiptPeer;
 use std::collections::HashSet;
+use testkit::ReceiptPeer;
 
 /// Our broker on an ephemeral port, a receipt peer that drops its first
 /// `drop_first` answers, and a directory for the edge's outbox.

@@ -11,7 +11,10 @@
 //!   account that attacks the others (`rogue_site`, the attack tests).
 //! * [`credentials`]: a run's broker accounts, hashed at test cost.
 //! * [`demo`], [`bench`], [`soak`], [`feed`]: the subcommands; [`cli`]: their flags.
+//! * [`benches`]: each service's own benchmark (`bench-edge`, `bench-broker`,
+//!   `bench-ingestor`, `bench-analytics`).
 pub mod bench;
+pub mod benches;
 pub mod catalogue;
 pub mod cli;
 pub mod cpu;

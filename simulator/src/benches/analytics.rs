@@ -1,12 +1,13 @@
-//! `neopro-analytics bench`: loads a realistic year into a bench database and
-//! measures what sponsors and operators feel.
+//! `neopro-sim bench-analytics`: loads a realistic year into a bench database
+//! and measures what sponsors and operators feel, against the real
+//! `analytics::App` in this process.
 //!
 //! Data: `--plays` (default 10,000,000) over `--sites` (1,000) and
 //! `--days` (365, ending yesterday), `--videos` (200) attributed to
 //! `--sponsors` (40) — 70 % by explicit video_id, 30 % by filename rule —
 //! with Zipf-skewed video popularity, loaded with COPY, then rolled up with
-//! the same SQL shape as the ingestor (`INSERT INTO sponsor_daily_stats ...`)
-//! so the analytics triggers build their rollups.
+//! an upsert of the daily fold's shape (`INSERT INTO sponsor_daily_stats ...
+//! ON CONFLICT`) so the analytics triggers build their rollups.
 //!
 //! Figures printed:
 //! * stats endpoint latency, warm (p50/p95/p99 over a mix of sponsors, ranges
@@ -18,10 +19,10 @@
 //!   same query) measured in the same run, and the ratio;
 //! * the playout export of the biggest sponsor's year: rows/s and the process
 //!   RSS before and at peak during the export;
-//! * the cost the triggers add to the ingestor's rollup statement.
+//! * what the ingestor's background fold of one batch's queued deltas costs,
+//!   and the analytics triggers' share of it.
 
-use crate::app::App;
-use crate::settings::Settings;
+use analytics::{App, Settings};
 use anyhow::Context;
 use chrono::{Datelike, Days, NaiveDate, Utc};
 use clap::Args;
@@ -34,6 +35,17 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// Options of `neopro-sim bench-analytics`: the benchmark's own, and the
+/// flags of `neopro-analytics` (`--database-url` names the server).
+#[derive(Debug, Args)]
+pub struct BenchAnalyticsArgs {
+    #[command(flatten)]
+    pub bench: BenchArgs,
+    #[command(flatten)]
+    pub analytics: analytics::settings::CommonArgs,
+}
+
+/// The benchmark's own options.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Plays to load.
@@ -158,15 +170,8 @@ async fn loaded_plays(url: &str) -> Option<i64> {
         .ok()
 }
 
-async fn load(args: &BenchArgs, admin_url: &str, url: &str, first_day: NaiveDate) -> anyhow::Result<()> {
-    let mut admin = sqlx::PgConnection::connect(admin_url).await?;
-    let db = args.bench_db.replace('"', "");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE \"{db}\""))
-        .execute(&mut admin)
-        .await?;
+async fn load(args: &BenchArgs, url: &str, first_day: NaiveDate) -> anyhow::Result<()> {
+    runtime::db::recreate_database(url).await?;
     let pool = runtime::db::connect(url, 4).await?;
     runtime::db::migrate(&pool).await?;
     sqlx::query("SELECT create_impression_partitions($1, $2)")
@@ -274,7 +279,7 @@ async fn load(args: &BenchArgs, admin_url: &str, url: &str, first_day: NaiveDate
     drop(conn);
     let load_s = started.elapsed().as_secs_f64();
 
-    // Roll up month by month with the ingestor's statement shape; the
+    // Roll up month by month with the daily fold's upsert shape; the
     // analytics triggers queue each statement's delta, folded after it.
     let started = Instant::now();
     let last = first_day + Days::new(args.days as u64);
@@ -385,7 +390,7 @@ async fn baseline(pool: &PgPool, sponsor: &str, from: NaiveDate, to: NaiveDate) 
     // Same attribution list as ours (attributing each raw row with
     // sponsor_of would cost seconds more and measure the catalogue, not the
     // aggregation).
-    let att = crate::stats::attributed_videos(pool, sponsor)
+    let att = analytics::stats::attributed_videos(pool, sponsor)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (files, ids) = (att.filenames, att.video_ids);
@@ -415,9 +420,16 @@ async fn baseline(pool: &PgPool, sponsor: &str, from: NaiveDate, to: NaiveDate) 
     Ok((total, s.0))
 }
 
-pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
+/// Runs the benchmark on the server of the analytics settings (file <
+/// environment < flags, as `neopro-analytics` loads them).
+pub async fn run(args: BenchAnalyticsArgs) -> anyhow::Result<()> {
+    let settings = args.analytics.settings()?;
+    run_with(settings, args.bench).await
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run_with(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     runtime::tls::install_crypto_provider();
-    let admin_url = bench_url(&settings.database_url, "postgres")?;
     let url = bench_url(&settings.database_url, &args.bench_db)?;
     let today = Utc::now().date_naive();
     let first_day = today - Days::new(args.days as u64);
@@ -437,16 +449,18 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
                 t.elapsed().as_secs_f64()
             )
         }
-        _ => load(&args, &admin_url, &url, first_day).await?,
+        _ => load(&args, &url, first_day).await?,
     }
     // The data's own range (a reused database may be from an earlier day).
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .connect_with(sqlx::postgres::PgConnectOptions::from_str(&url)?)
         .await?;
-    // Nothing left over from an earlier run in the queue (dead rows of
+    // Nothing left over from an earlier run in the queues (dead rows of
     // rolled-back batches would make each fold scan them).
-    sqlx::raw_sql("VACUUM sponsor_rollup_pending").execute(&pool).await?;
+    sqlx::raw_sql("VACUUM sponsor_daily_pending, sponsor_rollup_pending")
+        .execute(&pool)
+        .await?;
     let (d0, d1): (NaiveDate, NaiveDate) = sqlx::query_as("SELECT min(day), max(day) FROM sponsor_stats_daily")
         .fetch_one(&pool)
         .await?;
@@ -634,26 +648,32 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     token.cancel();
     h.await??;
 
-    trigger_cost(&pool, d1).await?;
-    // The rolled-back batches left dead rows in the queue: every fold (so
+    fold_cost(&pool, d1).await?;
+    // The rolled-back batches left dead rows in the queues: every fold (so
     // every request) would scan them until autovacuum comes by.
-    sqlx::raw_sql("VACUUM sponsor_rollup_pending").execute(&pool).await?;
+    sqlx::raw_sql("VACUUM sponsor_daily_pending, sponsor_rollup_pending")
+        .execute(&pool)
+        .await?;
     pool.close().await;
     Ok(())
 }
 
-/// What the analytics triggers add to the ingestor's rollup statement (since
-/// migration `20261207000004_sponsor_rollups` they only queue the delta), and what folding
-/// that batch's delta costs afterwards: the
-/// same batch with and without the triggers, each in a transaction that is
-/// rolled back (so the bench data is unchanged; commit cost, identical for
-/// both, is excluded). A batch of `rows` keys over as many sites, half
-/// increments of existing keys (the last day), half new keys (the next day),
-/// all of known videos except `new_videos` never seen before (the map then
-/// runs `sponsor_of()` for them).
-async fn trigger_cost(pool: &PgPool, day: NaiveDate) -> anyhow::Result<()> {
-    const SQL: &str = "
-        INSERT INTO sponsor_daily_stats (day, site_id, video_id, video_filename, period, event_type,
+/// What the ingestor's background fold costs, and the analytics triggers'
+/// share of it. The ingest transaction only appends a batch's per-key deltas
+/// to `sponsor_daily_pending`; about once a second the ingestor runs
+/// `sponsor_rollups_fold()`, which upserts the queued deltas into
+/// `sponsor_daily_stats` (whose triggers queue the per-sponsor deltas) and
+/// folds those into the per-sponsor rollups. Measured here: that fold for one
+/// batch's queued keys, with the triggers and without (the daily upsert
+/// alone), each in a transaction that is rolled back (so the bench data is
+/// unchanged; commit cost, identical for both, is excluded; the append
+/// itself is not timed). A batch of `keys` keys over as many sites, half
+/// increments of existing keys (the last day), half new keys (the next
+/// day), all of known videos except `new_videos` never seen before (the
+/// per-sponsor fold then runs `sponsor_of()` for them).
+async fn fold_cost(pool: &PgPool, day: NaiveDate) -> anyhow::Result<()> {
+    const QUEUE: &str = "
+        INSERT INTO sponsor_daily_pending (day, site_id, video_id, video_filename, period, event_type,
             impressions, seconds_played, completed_count, audience_sum)
         SELECT CASE WHEN i % 2 = 0 THEN $1::date ELSE $1::date + 1 END,
                'site-' || lpad((($2 * 7 + i) % 1000)::text, 4, '0'),
@@ -663,16 +683,10 @@ async fn trigger_cost(pool: &PgPool, day: NaiveDate) -> anyhow::Result<()> {
                (ARRAY['match', 'training'])[1 + (i / 4) % 2], 3, 45.0, 2, 30
         FROM generate_series(1, $3) i,
              -- the catalogue's explicit videos: k % 10 < 7 (see catalogue())
-             LATERAL (SELECT ((i % 98) / 7) * 10 + i % 7 AS k) v
-        ON CONFLICT (day, site_id, video_filename, video_id, period, event_type) DO UPDATE SET
-            impressions = sponsor_daily_stats.impressions + excluded.impressions,
-            seconds_played = sponsor_daily_stats.seconds_played + excluded.seconds_played,
-            completed_count = sponsor_daily_stats.completed_count + excluded.completed_count,
-            audience_sum = sponsor_daily_stats.audience_sum + excluded.audience_sum";
+             LATERAL (SELECT ((i % 98) / 7) * 10 + i % 7 AS k) v";
     let mut conn = pool.acquire().await?;
-    for (rows, new_videos) in [(50i32, 0i32), (500, 0), (500, 10)] {
+    for (keys, new_videos) in [(50i32, 0i32), (500, 0), (500, 10)] {
         let mut results = Vec::new();
-        let mut fold = Histogram::<u64>::new(3)?;
         for with_triggers in [true, false, true, false] {
             let mut h = Histogram::<u64>::new(3)?;
             for b in 0..200i32 {
@@ -683,23 +697,22 @@ async fn trigger_cost(pool: &PgPool, day: NaiveDate) -> anyhow::Result<()> {
                         .execute(&mut *tx)
                         .await?;
                 }
-                let t = Instant::now();
-                sqlx::query(SQL)
+                sqlx::query(QUEUE)
                     .bind(day)
                     .bind(b)
-                    .bind(rows)
+                    .bind(keys)
                     .bind(new_videos)
                     .execute(&mut *tx)
                     .await?;
+                let t = Instant::now();
+                let folded: i64 = sqlx::query_scalar("SELECT sponsor_rollups_fold()")
+                    .fetch_one(&mut *tx)
+                    .await?;
                 h.record(t.elapsed().as_micros() as u64)?;
-                if with_triggers {
-                    // The triggers only queued the delta: what folding this
-                    // one batch into the six rollups costs (done later, off
-                    // the ingest path, usually for many batches at once).
-                    let t = Instant::now();
-                    sqlx::query("SELECT sponsor_rollups_fold()").execute(&mut *tx).await?;
-                    fold.record(t.elapsed().as_micros() as u64)?;
-                }
+                anyhow::ensure!(
+                    folded >= i64::from(keys),
+                    "the fold consumed {folded} of {keys} queued keys"
+                );
                 tx.rollback().await?;
             }
             results.push((with_triggers, h));
@@ -707,17 +720,12 @@ async fn trigger_cost(pool: &PgPool, day: NaiveDate) -> anyhow::Result<()> {
         let with = &results[2].1;
         let without = &results[3].1;
         println!(
-            "trigger cost on the ingestor's rollup upsert ({rows} rows/statement, {new_videos} new videos, rolled back): with triggers p50={:.2}ms p95={:.2}ms ; without p50={:.2}ms p95={:.2}ms ; ratio p50 = {:.2}x",
+            "rollup fold of one batch's queued deltas (sponsor_rollups_fold(), {keys} keys in sponsor_daily_pending, {new_videos} new videos, rolled back): with the per-sponsor triggers p50={:.2}ms p95={:.2}ms ; daily upsert only (triggers off) p50={:.2}ms p95={:.2}ms ; ratio p50 = {:.2}x",
             with.value_at_quantile(0.5) as f64 / 1000.0,
             with.value_at_quantile(0.95) as f64 / 1000.0,
             without.value_at_quantile(0.5) as f64 / 1000.0,
             without.value_at_quantile(0.95) as f64 / 1000.0,
             with.value_at_quantile(0.5) as f64 / (without.value_at_quantile(0.5) as f64).max(1.0)
-        );
-        println!(
-            "  fold of that one batch's queued delta into the rollups (sponsor_rollups_fold(), same transaction): p50={:.2}ms p95={:.2}ms",
-            fold.value_at_quantile(0.5) as f64 / 1000.0,
-            fold.value_at_quantile(0.95) as f64 / 1000.0
         );
     }
     Ok(())

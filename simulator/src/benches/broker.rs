@@ -1,4 +1,4 @@
-//! `neopro-broker bench`: QoS 1 messages per second through the embedded
+//! `neopro-sim bench-broker`: QoS 1 messages per second through the embedded
 //! broker and through Mosquitto, same clients, same payloads, same run.
 //!
 //! Each round, for each broker: one subscriber (QoS 1, the ingestor's
@@ -16,22 +16,34 @@
 //! with the clients); Mosquitto is its own process. On a 2-core machine
 //! both compete with the clients for the same cores.
 
-use crate::embedded::EmbeddedBroker;
-use crate::settings::BrokerSettings;
 use anyhow::Context;
+use broker::{BrokerSettings, EmbeddedBroker};
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
 use runtime::mqtt::{ClientOptions, MqttUrl};
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Debug)]
-pub struct BenchOptions {
+/// Options of `neopro-sim bench-broker`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The Mosquitto to compare with.
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub mosquitto_url: MqttUrl,
+    /// Messages per round and broker.
+    #[arg(long, default_value_t = 50_000)]
     pub messages: usize,
+    /// Payload size (a typical batch envelope).
+    #[arg(long, default_value_t = 2048)]
     pub payload_bytes: usize,
+    #[arg(long, default_value_t = 4)]
     pub publishers: usize,
+    /// Unacknowledged QoS 1 messages per client.
+    #[arg(long, default_value_t = 100)]
     pub inflight: u16,
-    /// Messages published but not yet received, across all publishers.
+    /// Messages published but not yet received, all publishers together
+    /// (keep it under Mosquitto's max_queued_messages, default 1000).
+    #[arg(long, default_value_t = 500)]
     pub window: usize,
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
 }
 
@@ -67,7 +79,7 @@ pub fn payload(n: usize, i: usize) -> Vec<u8> {
 }
 
 /// Measures one broker.
-pub async fn measure(url: &MqttUrl, o: &BenchOptions) -> anyhow::Result<Rate> {
+pub async fn measure(url: &MqttUrl, o: &BenchArgs) -> anyhow::Result<Rate> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -183,7 +195,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the comparison and prints the figures; the last line is
 /// `neopro_broker_msgs_per_s=<n> mosquitto_msgs_per_s=<n> ratio=<x>`.
-pub async fn run(o: BenchOptions) -> anyhow::Result<(f64, f64)> {
+pub async fn run(o: BenchArgs) -> anyhow::Result<(f64, f64)> {
     runtime::tls::install_crypto_provider();
     let settings = BrokerSettings::for_tests();
     let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&settings)).await??;

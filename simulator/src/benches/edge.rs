@@ -1,6 +1,9 @@
-//! `neopro-edge bench`: the figures the issue asks for, measured in one run.
+//! `neopro-sim bench-edge`: the edge's figures, measured in one run against
+//! the real `neopro-edge` binary (`--edge-exe`; by default the one built
+//! beside this executable, or in `NEOPRO_BIN_DIR`), since its RSS and size
+//! are what a TV box pays.
 //!
-//! 1. Starts this same binary as a child `neopro-edge run` (own data dir, own
+//! 1. Starts that binary as a child `neopro-edge run` (own data dir, own
 //!    port, broker unreachable so nothing drains) and reads its idle RSS.
 //! 2. POSTs `--single` impressions one per request, then `--impressions` in
 //!    requests of 50, from `--clients` concurrent HTTP clients over loopback;
@@ -13,7 +16,7 @@
 //!    file rewritten and fsync'd per POST, under a lock), same clients, batch
 //!    sizes 1 and 50, over `--baseline` impressions each (fewer, because it
 //!    is quadratic; the small file favours the baseline).
-//! 5. The size of this binary.
+//! 5. The size of the `neopro-edge` binary.
 
 use anyhow::Context;
 use axum::extract::State;
@@ -27,11 +30,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
-use crate::receipt_peer::ReceiptPeer;
+use testkit::ReceiptPeer;
 
-/// Options of `neopro-edge bench`.
+/// Options of `neopro-sim bench-edge`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
+    /// Broker the drain phase publishes to: mqtt://[user[:password]@]host[:port]
+    /// or mqtts://… [default: mqtt://127.0.0.1:1883].
+    #[arg(long, env = "NEOPRO_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+    /// The `neopro-edge` executable to measure [default: neopro-edge beside
+    /// this executable, or in NEOPRO_BIN_DIR].
+    #[arg(long)]
+    pub edge_exe: Option<PathBuf>,
     /// Impressions posted in requests of 50.
     #[arg(long, default_value_t = 200_000)]
     pub impressions: usize,
@@ -237,12 +248,34 @@ async fn outbox_count(http: &reqwest::Client, base: &str) -> Option<u64> {
     v["count"].as_u64()
 }
 
+/// The `neopro-edge` executable: `--edge-exe`, else the workspace's binary
+/// directory (the one this executable runs from, or `NEOPRO_BIN_DIR`).
+fn edge_exe(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let exe = given.unwrap_or_else(|| crate::faults::bin_dir().join("neopro-edge"));
+    anyhow::ensure!(
+        exe.is_file(),
+        "{} not found: build it first (cargo build --release -p edge-publisher, the profile of this neopro-sim), or give --edge-exe",
+        exe.display()
+    );
+    Ok(exe)
+}
+
+/// `debug` or `release` when the executable sits in cargo's profile
+/// directory of that name.
+fn profile_of(exe: &Path) -> &'static str {
+    match exe.parent().and_then(Path::file_name).and_then(|n| n.to_str()) {
+        Some("release") => "release",
+        Some("debug") => "debug",
+        _ => "unknown",
+    }
+}
+
 /// Runs the benchmark and prints its figures.
-pub async fn run(args: BenchArgs, mqtt_url: Option<String>) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let exe = edge_exe(args.edge_exe.clone())?;
     let size = std::fs::metadata(&exe)?.len();
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    let mqtt = mqtt_url.unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+    let profile = profile_of(&exe);
+    let mqtt = args.mqtt_url.clone().unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
     let url: runtime::mqtt::MqttUrl = mqtt.parse().map_err(anyhow::Error::msg)?;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let site = format!("bench-{}", &tag[..12]);

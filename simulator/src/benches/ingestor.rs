@@ -1,7 +1,10 @@
-//! `neopro-ingestor bench`: end-to-end throughput against a raw `COPY`.
+//! `neopro-sim bench-ingestor`: the ingestor's end-to-end throughput against
+//! a raw `COPY`. Every flag of `neopro-ingestor` applies (batching, writers,
+//! insert method, config file, `NEOPRO_INGESTOR__*`): they configure the
+//! ingestor under test.
 //!
 //! 1. (Re)creates a bench database and migrates it;
-//! 2. starts the real [`App`](crate::App) in-process on a unique topic prefix;
+//! 2. starts the real [`ingestor::App`] in-process on a unique topic prefix;
 //! 3. publishes N impressions as envelopes (round-robin over S sites, like a
 //!    fleet of edges) through the broker at QoS 1, keeping at most `window`
 //!    envelopes unconfirmed, as edges do (they wait for receipts; this also
@@ -24,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Args;
+use ingestor::Settings;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
 use schema::{
@@ -34,9 +38,18 @@ use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::Settings;
+/// Options of `neopro-sim bench-ingestor`: the benchmark's own, and the
+/// ingestor's.
+#[derive(Debug, Args)]
+pub struct BenchIngestorArgs {
+    #[command(flatten)]
+    pub bench: BenchArgs,
+    /// The flags of `neopro-ingestor`, for the ingestor under test.
+    #[command(flatten)]
+    pub ingestor: ingestor::settings::CommonArgs,
+}
 
-/// Benchmark options (the ingestor's own batching flags apply too).
+/// The benchmark's own options.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Broker: `embedded` (rumqttd in-process, ephemeral port) or a URL.
@@ -138,27 +151,15 @@ pub fn generate(n: usize, sites: usize, now: DateTime<Utc>, random_context: bool
     out
 }
 
-fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
-    let mut u = url::Url::parse(url).context("invalid database URL")?;
-    u.set_path(&format!("/{db}"));
-    Ok(u.to_string())
-}
-
-async fn recreate_database(url: &str, db: &str) -> anyhow::Result<()> {
-    let opts = PgConnectOptions::from_str(url)?.database("postgres");
-    let mut admin = opts.connect().await.context("connecting to the postgres database")?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE \"{db}\""))
-        .execute(&mut admin)
-        .await?;
-    admin.close().await?;
-    Ok(())
+/// Runs the benchmark with the ingestor configured by its flags (file <
+/// environment < flags, as `neopro-ingestor` loads them).
+pub async fn run(args: BenchIngestorArgs) -> anyhow::Result<()> {
+    let settings = args.ingestor.load()?;
+    run_with(args.bench, settings).await
 }
 
 /// Runs the benchmark and prints its figures.
-pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> {
+pub async fn run_with(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> {
     runtime::tls::install_crypto_provider();
     anyhow::ensure!(
         args.per_message >= 1 && args.sites >= 1,
@@ -174,8 +175,8 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
     } else {
         args.broker.parse().map_err(anyhow::Error::msg)?
     };
-    let db_url = with_database(&settings.database_url, &args.bench_database)?;
-    recreate_database(&settings.database_url, &args.bench_database).await?;
+    let db_url = crate::pg::with_database(&settings.database_url, &args.bench_database)?;
+    runtime::db::recreate_database(&db_url).await?;
     let now = Utc::now();
     let per_site = generate(args.impressions, args.sites, now, args.random_context);
 
@@ -214,7 +215,7 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
     settings.topic_prefix = topics.prefix().to_owned();
     settings.client_id = format!("ingestor-bench-{}", Uuid::new_v4().simple());
     settings.migrate = true;
-    let app = crate::App::build(settings).await?;
+    let app = ingestor::App::build(settings).await?;
     let pool = app.pool().clone();
     let shutdown = CancellationToken::new();
     let app_task = tokio::spawn(app.run(shutdown.clone()));
@@ -277,7 +278,7 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    if let Ok(mut h) = crate::pipeline::commit_latency().lock() {
+    if let Ok(mut h) = ingestor::pipeline::commit_latency().lock() {
         h.reset();
     }
     let mut outstanding: HashMap<Uuid, (Instant, usize)> = HashMap::new();
@@ -413,9 +414,9 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
         .await?;
     sqlx::query("CHECKPOINT").execute(&mut conn).await.ok();
     let t2 = Instant::now();
-    let mut copy = conn.copy_in_raw(&crate::copy::copy_statement()).await?;
+    let mut copy = conn.copy_in_raw(&ingestor::copy::copy_statement()).await?;
     for r in 0..rounds {
-        let mut buf = crate::copy::CopyBuffer::with_rows(args.per_message * chunks.len());
+        let mut buf = ingestor::copy::CopyBuffer::with_rows(args.per_message * chunks.len());
         for c in &chunks {
             if let Some(chunk) = c.get(r) {
                 for i in chunk.iter() {
@@ -425,8 +426,8 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
         }
         // One COPY stream: the header once, no trailer until the end.
         let bytes = buf.finish();
-        let start = if r == 0 { 0 } else { crate::copy::HEADER_LEN };
-        let body = &bytes[start..bytes.len() - crate::copy::TRAILER_LEN];
+        let start = if r == 0 { 0 } else { ingestor::copy::HEADER_LEN };
+        let body = &bytes[start..bytes.len() - ingestor::copy::TRAILER_LEN];
         copy.send(body).await?;
     }
     copy.send(&(-1i16).to_be_bytes()[..]).await?;
@@ -446,7 +447,7 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<()> 
 
     let ingest_rate = args.impressions as f64 / ingest_s;
     let copy_rate = args.impressions as f64 / copy_s;
-    let commit = crate::pipeline::commit_latency()
+    let commit = ingestor::pipeline::commit_latency()
         .lock()
         .map_err(|_| anyhow::anyhow!("latency histogram poisoned"))?
         .clone();
