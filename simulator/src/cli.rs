@@ -30,6 +30,20 @@ pub enum Command {
     /// A TV frontend: posts seeded, realistic plays to a running neopro-edge's
     /// `POST /api/sync/sponsor-impressions`, stamped with the current time.
     Feed(FeedArgs),
+    /// The edge's benchmark: a `neopro-edge` binary's POST throughput, drain
+    /// rate, RSS and size, vs the seed's JSON file.
+    BenchEdge(crate::benches::edge::BenchArgs),
+    /// The broker's benchmark: QoS 1 messages/s through neopro-broker and
+    /// through Mosquitto.
+    BenchBroker(crate::benches::broker::BenchArgs),
+    /// The ingestor's benchmark: publish N impressions through a broker,
+    /// measure committed rows/s and commit latency, compare with a raw COPY
+    /// of the same rows.
+    BenchIngestor(crate::benches::ingestor::BenchIngestorArgs),
+    /// The analytics' benchmark: load a realistic year into a bench database
+    /// and measure the stats endpoint (cold/warm), a baseline, the playout
+    /// export and the rollup fold.
+    BenchAnalytics(crate::benches::analytics::BenchAnalyticsArgs),
     /// Internal: holds a range of `bench` boxes in a child process (the
     /// protocol is in `simulator::hosts`); not for operators.
     #[command(hide = true)]
