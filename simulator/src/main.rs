@@ -13,6 +13,9 @@ async fn main() -> ExitCode {
         Command::Bench(a) => a.fleet.log_format.clone(),
         Command::Soak(a) => a.fleet.log_format.clone(),
         Command::Feed(a) => a.log_format.clone(),
+        Command::BenchEdge(_) | Command::BenchBroker(_) => "human".to_owned(),
+        Command::BenchIngestor(a) => a.ingestor.log_format.clone().unwrap_or_else(|| "human".to_owned()),
+        Command::BenchAnalytics(a) => a.analytics.log_format.clone().unwrap_or_else(|| "human".to_owned()),
         Command::BoxHost => "human".to_owned(),
     };
     simulator::init_logging(&log_format);
@@ -21,6 +24,10 @@ async fn main() -> ExitCode {
         Command::Bench(a) => simulator::bench::run(a).await,
         Command::Soak(a) => simulator::soak::run(a).await,
         Command::Feed(a) => simulator::feed::run(a).await,
+        Command::BenchEdge(a) => simulator::benches::edge::run(a).await.map(|()| true),
+        Command::BenchBroker(a) => simulator::benches::broker::run(a).await.map(|_| true),
+        Command::BenchIngestor(a) => simulator::benches::ingestor::run(a).await.map(|()| true),
+        Command::BenchAnalytics(a) => simulator::benches::analytics::run(a).await.map(|()| true),
         Command::BoxHost => simulator::hosts::serve().await.map(|()| true),
     };
     match result {
