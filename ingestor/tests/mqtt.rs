@@ -207,8 +207,9 @@ async fn postgres_connections_killed_mid_stream_every_impression_lands_once(pool
     let killer_pool = pool.clone();
     let stop = tokio_util::sync::CancellationToken::new();
     let stop2 = stop.clone();
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let killed2 = killed.clone();
     let killer = tokio::spawn(async move {
-        let mut killed = 0i64;
         while !stop2.is_cancelled() {
             let n: i64 = sqlx::query_scalar(
                 "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
@@ -218,24 +219,33 @@ async fn postgres_connections_killed_mid_stream_every_impression_lands_once(pool
             .fetch_one(&killer_pool)
             .await
             .unwrap_or(0);
-            killed += n;
+            killed2.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
         }
-        killed
     });
+    // After every 10 envelopes, the stream waits for the killer to end one
+    // more of the ingestor's connections (its writers need one to commit
+    // what was just published): ten kills at least, each mid-stream.
     let mut ids = Vec::new();
     for k in 0..100i64 {
         let env = envelope(&format!("club-{}", k % 7), Uuid::now_v7(), 1 + (k / 7) * 20, 20);
         ids.push(env.batch_id);
         edge.publish(&env).await;
-        if k % 10 == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if k % 10 == 9 {
+            let before = killed.load(std::sync::atomic::Ordering::Relaxed);
+            wait_until(|| {
+                let killed = killed.clone();
+                async move { killed.load(std::sync::atomic::Ordering::Relaxed) > before }
+            })
+            .await;
         }
     }
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     stop.cancel();
-    let killed = killer.await.unwrap();
-    assert!(killed > 0, "the test must actually kill connections");
+    killer.await.unwrap();
+    assert!(
+        killed.load(std::sync::atomic::Ordering::Relaxed) >= 10,
+        "the test must actually kill connections"
+    );
 
     let _ = edge.receipts_for(&ids).await;
     assert_eq!(wait_count(&pool, ROWS, 2000).await, 2000);
@@ -277,11 +287,20 @@ async fn shutdown_drains_the_open_batch(pool: PgPool, broker: String) {
     assert_rollup_matches(&pool).await;
 
     // Acked: a new session under the same client id gets nothing redelivered.
+    // The marker, published after the restart, is delivered after anything
+    // the session still held: once its receipt is in, the window is closed.
     let mut s = settings(&pool, &broker, &topics, &cid).await;
     s.batch_max_age_ms = 10;
-    let again = start(s).await;
-    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    assert_eq!(again.health.received.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let again = resume(s).await;
+    let marker = envelope("club-1", Uuid::now_v7(), 51, 1);
+    edge.publish(&marker).await;
+    let r = edge.receipts_for(&[marker.batch_id]).await;
+    assert_eq!(r[&marker.batch_id][0].inserted, 1);
+    assert_eq!(
+        again.health.received.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the marker only: nothing redelivered"
+    );
     again.stop().await;
     forget_session(&broker, &cid).await;
 }
@@ -385,7 +404,7 @@ async fn messages_that_cannot_be_used_never_wedge_the_session(pool: PgPool, brok
     let retained = envelope("club-1", Uuid::now_v7(), 900, 2);
     assert!(publish_acked(&broker, topics.impressions("club-1"), retained.encode(), true).await);
 
-    let app = start(settings(&pool, &broker, &topics, &cid).await).await;
+    let app = resume(settings(&pool, &broker, &topics, &cid).await).await;
     let mut edge = Edge::connect(&broker, &topics).await;
     let (big, _big_task) = big_publisher(&broker).await;
     let outbox = Uuid::now_v7();
@@ -493,17 +512,32 @@ async fn messages_that_cannot_be_used_never_wedge_the_session(pool: PgPool, brok
     );
 
     // Everything was acknowledged: the same session gets nothing redelivered
-    // but the retained copy, which a broker sends again on every SUBSCRIBE
-    // (Mosquitto flags it, and it is dead-lettered again).
+    // but the retained copy, which Mosquitto sends again on every SUBSCRIBE
+    // (flagged, and dead-lettered again); rumqttd sends retained messages to
+    // a new subscription only, and a resumed session's is not new.
     app.stop().await;
     let retained_before = count(&pool, RETAINED).await;
-    let again = start(settings(&pool, &broker, &topics, &cid).await).await;
-    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    let redelivered = again.health.received.load(std::sync::atomic::Ordering::Relaxed) as i64;
-    assert!(redelivered <= 1, "{redelivered} messages redelivered");
+    let replays: i64 = if broker == MOSQUITTO { 1 } else { 0 };
+    let again = resume(settings(&pool, &broker, &topics, &cid).await).await;
+    // The replay follows the ingestor's SUBSCRIBE; once it is dead-lettered,
+    // a marker published now is delivered after anything the session held.
     assert_eq!(
-        wait_count(&pool, RETAINED, retained_before + redelivered).await,
-        retained_before + redelivered,
+        wait_count(&pool, RETAINED, retained_before + replays).await,
+        retained_before + replays,
+        "the retained copy replayed on the SUBSCRIBE"
+    );
+    let marker = envelope("club-1", outbox, 20, 1);
+    edge.publish(&marker).await;
+    let r = edge.receipts_for(&[marker.batch_id]).await;
+    assert_eq!(r[&marker.batch_id][0].inserted, 1);
+    let redelivered = again.health.received.load(std::sync::atomic::Ordering::Relaxed) as i64 - 1;
+    assert_eq!(
+        redelivered, replays,
+        "{redelivered} messages redelivered besides the marker"
+    );
+    assert_eq!(
+        count(&pool, RETAINED).await,
+        retained_before + replays,
         "whatever the new session received is the retained copy"
     );
     again.stop().await;

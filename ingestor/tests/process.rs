@@ -61,24 +61,19 @@ async fn killed_with_sigkill_mid_stream_and_restarted_every_impression_lands_onc
     // production), so nothing published while it starts or restarts is lost.
     ensure_session(&broker, &cid, &topics).await;
     let mut child = spawn(&url, &broker, topics.prefix(), &cid, &log);
-    // Publish 300 envelopes x 20 impressions; kill -9 once some have landed.
-    let mut envs = Vec::new();
-    let mut killed = false;
-    for k in 0..300i64 {
-        let env = envelope(&format!("club-{}", k % 10), Uuid::now_v7(), 1 + (k / 10) * 20, 20);
-        edge.publish(&env).await;
-        envs.push(env);
-        if k % 20 == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        if !killed && k >= 100 && count(&pool, ROWS).await > 0 {
-            child.kill(); // SIGKILL
-            killed = true;
-        }
+    // 300 envelopes x 20 impressions: the first 100, then kill -9 as soon as
+    // a commit of theirs is visible (the rest of them still in flight), then
+    // the other 200 while no ingestor runs (queued in its session).
+    let envs: Vec<_> = (0..300i64)
+        .map(|k| envelope(&format!("club-{}", k % 10), Uuid::now_v7(), 1 + (k / 10) * 20, 20))
+        .collect();
+    for env in &envs[..100] {
+        edge.publish(env).await;
     }
-    if !killed {
-        wait_count(&pool, ROWS, 1).await;
-        child.kill();
+    wait_count(&pool, ROWS, 1).await;
+    child.kill(); // SIGKILL
+    for env in &envs[100..] {
+        edge.publish(env).await;
     }
     let at_kill = count(&pool, ROWS).await;
     assert!(at_kill < 6000, "the kill must happen mid-stream (had {at_kill} rows)");

@@ -102,7 +102,25 @@ impl Running {
     }
 }
 
+/// Starts a fresh ingestor (a client id no session exists for). Its
+/// persistent session and subscription are created first and acknowledged
+/// to the test (a SUBACK in [`ensure_session`]), as a long-running
+/// ingestor's exist: everything published once this returns is queued for
+/// it, whether or not its own SUBSCRIBE has reached the broker yet
+/// (`Health::mqtt` says connected, not subscribed).
 pub async fn start(settings: ingestor::Settings) -> Running {
+    if settings.mqtt_enabled {
+        let topics = Topics::new(settings.topic_prefix.clone()).unwrap();
+        ensure_session_on(&settings.mqtt_url, &settings.client_id, &topics).await;
+    }
+    resume(settings).await
+}
+
+/// Starts an ingestor whose persistent session exists (made by [`start`],
+/// [`ensure_session`] or an earlier run under the same client id) and
+/// returns once it is migrated and connected: the session holds its
+/// subscription, so nothing published from now on is missed.
+pub async fn resume(settings: ingestor::Settings) -> Running {
     runtime::tls::install_crypto_provider();
     if std::env::var_os("RUST_LOG").is_some() {
         runtime::telemetry::init(runtime::telemetry::LogFormat::Human);
@@ -112,7 +130,6 @@ pub async fn start(settings: ingestor::Settings) -> Running {
     let health = app.health();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));
-    // Ready = migrated and connected to the broker (subscription follows the ConnAck).
     wait_until(|| {
         let h = health.clone();
         async move {
@@ -120,8 +137,6 @@ pub async fn start(settings: ingestor::Settings) -> Running {
         }
     })
     .await;
-    // The SUBSCRIBE is sent right after the CONNACK; give it a moment on the broker.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     Running {
         shutdown,
         task,
@@ -321,7 +336,11 @@ impl Drop for Edge {
 /// a long-running ingestor has: messages published from now on are queued
 /// for it even while no process is connected.
 pub async fn ensure_session(broker: &str, client_id: &str, topics: &Topics) {
-    let url: runtime::mqtt::MqttUrl = broker.parse().unwrap();
+    ensure_session_on(&broker.parse().unwrap(), client_id, topics).await;
+}
+
+/// [`ensure_session`] on a parsed broker URL.
+pub async fn ensure_session_on(url: &runtime::mqtt::MqttUrl, client_id: &str, topics: &Topics) {
     let mut o = runtime::mqtt::ClientOptions::new(client_id);
     o.clean_session = false;
     o.manual_acks = true;
