@@ -381,13 +381,7 @@ pub async fn run(fault: Fault, server_url: &str, scale: &Scale) -> anyhow::Resul
     pg::recreate_database(&db_url).await?;
     let result = run_in(fault, &db_url, scale).await;
     // Drop the scenario's database (best effort), whatever happened.
-    if let Ok(mut admin) = admin_connection(&pg::with_database(server_url, "postgres")?).await {
-        let _ = sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"neopro_fault_{run_id}\" WITH (FORCE)"
-        ))
-        .execute(&mut admin)
-        .await;
-    }
+    let _ = pg::drop_database(&db_url).await;
     result
 }
 

@@ -49,24 +49,9 @@ pub async fn clear_impressions(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 /// Drops (terminating its sessions) and re-creates the database of `url`,
-/// then applies the migrations. Used for the demo's and bench's own
-/// databases, so their counts are exact.
-pub async fn recreate_database(url: &str) -> anyhow::Result<()> {
-    let opts = PgConnectOptions::from_str(url).context("invalid database URL")?;
-    let name = opts
-        .get_database()
-        .context("the database URL names no database")?
-        .to_owned();
-    if matches!(name.as_str(), "postgres" | "template0" | "template1") {
-        bail!("refusing to drop the maintenance database '{name}'");
-    }
-    let mut admin = connect_maintenance(url, &opts).await?;
-    let q = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", name.replace('"', "\"\""));
-    sqlx::query(&q).execute(&mut admin).await.context("dropping database")?;
-    admin.close().await.ok();
-    runtime::db::create_database_if_missing(url).await?;
-    Ok(())
-}
+/// empty: the demo's, bench's, fault scenarios' and tests' own databases, so
+/// their counts are exact. The one implementation is the runtime's.
+pub use runtime::db::{drop_database, recreate_database};
 
 /// The server settings that decide the ingest path's speed, as one line for
 /// the bench's output: a ratio means little without them. Read from the

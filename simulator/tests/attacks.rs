@@ -100,8 +100,6 @@ impl MosquittoProc {
 
 /// The case's database, dropped when the case ends (passed or not).
 struct TestDb {
-    server: String,
-    name: String,
     url: String,
 }
 
@@ -111,25 +109,17 @@ impl TestDb {
         let name = format!("neopro_attack_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let url = pg::with_database(&server, &name)?;
         pg::recreate_database(&url).await?;
-        Ok(Self { server, name, url })
+        Ok(Self { url })
     }
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Ok(admin) = pg::with_database(&self.server, "postgres") else {
-            return;
-        };
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        let url = self.url.clone();
         // Drop may run inside the test's runtime: a thread of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async {
-                use sqlx::Connection;
-                let mut c = sqlx::postgres::PgConnection::connect(&admin).await?;
-                sqlx::query(&sql).execute(&mut c).await?;
-                anyhow::Ok(())
-            })
+            rt.block_on(pg::drop_database(&url))
         })
         .join();
     }

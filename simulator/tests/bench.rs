@@ -39,12 +39,8 @@ async fn bench(broker: &str, extra: &[&str]) {
         panic!("not the bench subcommand");
     };
     let exact = simulator::bench::run(args).await.expect("bench ran");
-    let url = simulator::pg::with_database(&server, "postgres").unwrap();
-    if let Ok(pool) = runtime::db::connect(&url, 1).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))
-            .execute(&pool)
-            .await;
-    }
+    let url = simulator::pg::with_database(&server, &database).unwrap();
+    let _ = simulator::pg::drop_database(&url).await;
     assert!(exact, "every played impression stored exactly once, every outbox empty");
 }
 

@@ -23,7 +23,6 @@
 //!   and the analytics triggers' share of it.
 
 use analytics::{App, Settings};
-use anyhow::Context;
 use chrono::{Datelike, Days, NaiveDate, Utc};
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -154,12 +153,6 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
-}
-
-fn bench_url(database_url: &str, db: &str) -> anyhow::Result<String> {
-    let mut u = url::Url::parse(database_url).context("database URL")?;
-    u.set_path(&format!("/{db}"));
-    Ok(u.to_string())
 }
 
 async fn loaded_plays(url: &str) -> Option<i64> {
@@ -430,7 +423,7 @@ pub async fn run(args: BenchAnalyticsArgs) -> anyhow::Result<()> {
 /// Runs the benchmark and prints its figures.
 pub async fn run_with(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     runtime::tls::install_crypto_provider();
-    let url = bench_url(&settings.database_url, &args.bench_db)?;
+    let url = crate::pg::with_database(&settings.database_url, &args.bench_db)?;
     let today = Utc::now().date_naive();
     let first_day = today - Days::new(args.days as u64);
     let last_day = today - Days::new(1);
