@@ -22,6 +22,7 @@ async fn lost_receipts_are_republished_after_the_timeout_and_the_outbox_empties(
     let dir = tempfile::tempdir().unwrap();
     let prefix = prefix();
     let peer = ReceiptPeer::start(&MOSQUITTO.parse().unwrap(), &prefix, 3).unwrap();
+    wait_peer_subscribed(&peer, MOSQUITTO, &prefix).await;
     let mut s = settings(dir.path(), MOSQUITTO, &prefix);
     s.receipt_timeout_ms = 1500;
     s.batch_max_impressions = 10;
@@ -64,7 +65,18 @@ async fn broker_down_then_up_then_restarted_without_sessions_delivers_everything
     let first = records("down", 0, 100);
     let (status, v) = post(&http, &edge.base, body(&first)).await;
     assert_eq!((status, v["queued"].as_u64()), (200, Some(100)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The batch is due one batch delay (100 ms) after the POST. The marker is
+    // the edge's next refused connection attempt after that (`since` moves
+    // at every attempt): the batch was due, and nothing could leave.
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(100);
+    wait_until("a connection attempt refused after the batch was due", 30, || {
+        let h = edge.health.clone();
+        async move {
+            let b = h.snapshot(String::new());
+            !b.connected && b.last_error.is_some() && b.since.is_some_and(|t| t >= due)
+        }
+    })
+    .await;
     assert_eq!(edge.outbox.counts().unsent, 100);
     assert_eq!(stats(&http, &edge.base).await["broker"]["connected"], false);
 
@@ -85,6 +97,7 @@ async fn broker_down_then_up_then_restarted_without_sessions_delivers_everything
     assert_eq!(status, 200);
     broker.start();
     let peer = ReceiptPeer::start(&broker.url().parse().unwrap(), &prefix, 0).unwrap();
+    wait_peer_subscribed(&peer, &broker.url(), &prefix).await;
     wait_until("outbox empty after the restart", 90, || {
         let o = edge.outbox.clone();
         async move { o.counts().unconfirmed == 0 }
@@ -147,6 +160,7 @@ async fn kill_9_mid_stream_loses_no_acknowledged_impression_and_duplicates_none(
     let prefix = prefix();
     let site = unique("kill");
     let peer = ReceiptPeer::start(&MOSQUITTO.parse().unwrap(), &prefix, 0).unwrap();
+    wait_peer_subscribed(&peer, MOSQUITTO, &prefix).await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -288,6 +302,7 @@ async fn legacy_buffer_import_is_idempotent_reports_refusals_and_is_delivered() 
 
     // Then the service delivers them.
     let peer = ReceiptPeer::start(&MOSQUITTO.parse().unwrap(), &prefix, 0).unwrap();
+    wait_peer_subscribed(&peer, MOSQUITTO, &prefix).await;
     let edge = start(s).await;
     wait_until("imported impressions delivered", 60, || {
         let o = edge.outbox.clone();

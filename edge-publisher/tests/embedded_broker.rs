@@ -24,7 +24,7 @@ impl Rig {
         let url = broker.url();
         let prefix = prefix();
         let peer = ReceiptPeer::start(&url.parse().unwrap(), &prefix, drop_first).unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        wait_peer_subscribed(&peer, &url, &prefix).await;
         Rig {
             peer,
             dir: tempfile::tempdir().unwrap(),
@@ -78,7 +78,10 @@ async fn embedded_broker_delivers_everything_once_even_with_lost_receipts() {
 #[tokio::test]
 async fn a_held_box_is_ready_but_publishes_only_once_released() {
     let rig = Rig::start(0).await;
-    let (peer, s) = (&rig.peer, rig.settings());
+    let (peer, mut s) = (&rig.peer, rig.settings());
+    // One full batch: an open box publishes it at its first turn once
+    // connected, without waiting for the batch delay.
+    s.batch_max_impressions = 40;
     let site = s.site_id.clone();
     let mut app = edge_publisher::App::build(s).await.unwrap();
     let gate = app.hold_publishing();
@@ -95,11 +98,21 @@ async fn a_held_box_is_ready_but_publishes_only_once_released() {
         async move { h.ready() }
     })
     .await;
-    // Ready, and five times the batch delay (100 ms) has passed: still
-    // nothing published.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(peer.state.lock().unwrap().envelopes, 0, "a held box published");
+    // A marker on its receipts topic, sent once it is ready (unreadable, so
+    // ignored and counted): the publisher handles it after the CONNACK, so
+    // once it is counted the publisher has taken a turn connected with a
+    // full batch pending. Still nothing claimed, nothing published.
+    let marker = RawClient::connect(&rig.url, None, &[]).await;
+    let receipts = schema::Topics::new(rig.prefix.clone()).unwrap().receipts(&site);
+    marker.publish(&receipts, false, b"marker".to_vec()).await;
+    wait_until("the held box handled the marker", 30, || {
+        let h = health.clone();
+        async move { h.ignored(edge_publisher::publisher::Ignored::Unreadable) == 1 }
+    })
+    .await;
+    assert_eq!(outbox.counts().unsent, 40, "a held box published");
     assert_eq!(outbox.counts().unconfirmed, 40);
+    assert_eq!(peer.state.lock().unwrap().received, 0, "a held box published");
     gate.open();
     wait_until("outbox empty", 30, || {
         let o = outbox.clone();

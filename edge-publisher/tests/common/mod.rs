@@ -278,10 +278,16 @@ pub struct Ingestor {
 }
 
 impl Ingestor {
-    /// Starts it on `mqtt` under `prefix` and waits until it is subscribed.
+    /// Starts it on `mqtt` under `prefix`. Its persistent session and
+    /// subscription are made first, acknowledged to the test
+    /// ([`ensure_session`]), as a long-running ingestor's exist: whatever is
+    /// published once this returns (it waits until the ingestor is migrated
+    /// and connected) is queued for it, whether or not its own SUBSCRIBE
+    /// has reached the broker yet.
     pub async fn start(pool: &sqlx::PgPool, mqtt: &str, prefix: &str) -> Ingestor {
         use std::sync::atomic::Ordering;
         let client_id = unique("ingestor");
+        ensure_session(mqtt, &client_id, prefix).await;
         let is = ingestor::Settings {
             database_url: db_url(pool).await,
             mqtt_url: mqtt.parse().unwrap(),
@@ -299,8 +305,6 @@ impl Ingestor {
             async move { h.db.load(Ordering::Relaxed) && h.mqtt.load(Ordering::Relaxed) }
         })
         .await;
-        // Connected; its SUBSCRIBE follows the CONNACK.
-        tokio::time::sleep(Duration::from_millis(300)).await;
         Ingestor {
             stop,
             task,
@@ -315,6 +319,66 @@ impl Ingestor {
         if self.mqtt == MOSQUITTO {
             forget_session(&self.mqtt, &self.client_id).await;
         }
+    }
+}
+
+/// Creates the persistent session of `client_id` with its subscription to
+/// every site's impressions under `prefix`, and returns once the broker
+/// acknowledged it (SUBACK): what is published from now on is queued for
+/// that client, connected or not.
+pub async fn ensure_session(mqtt: &str, client_id: &str, prefix: &str) {
+    use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeReasonCode};
+    let url: runtime::mqtt::MqttUrl = mqtt.parse().unwrap();
+    let mut o = runtime::mqtt::ClientOptions::new(client_id);
+    o.clean_session = false;
+    o.manual_acks = true;
+    let (client, mut el) = AsyncClient::new(url.options(&o).unwrap(), 10);
+    let filter = schema::Topics::new(prefix.to_owned())
+        .unwrap()
+        .all_sites(schema::TopicKind::Impressions);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(a))) => {
+                    assert!(
+                        !a.return_codes.contains(&SubscribeReasonCode::Failure),
+                        "the broker refused the session's subscription"
+                    );
+                    let _ = client.disconnect().await;
+                }
+                Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("session created");
+}
+
+/// Waits until `peer` gets what is published under `prefix`: it subscribes
+/// after it connects, on a clean session, so what is published before its
+/// SUBACK never reaches it. Publishes an unreadable probe on a probe site's
+/// impressions topic until the peer has counted one in `envelopes`; it
+/// answers nothing to it, so a probe settles nothing and spends none of the
+/// answers it drops. (Only `envelopes` counts probes: late copies may add
+/// to it.)
+pub async fn wait_peer_subscribed(peer: &testkit::ReceiptPeer, mqtt: &str, prefix: &str) {
+    let topic = schema::Topics::new(prefix.to_owned()).unwrap().impressions("probe");
+    let probe = RawClient::connect(mqtt, None, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        probe.publish(&topic, false, b"probe".to_vec()).await;
+        for _ in 0..10 {
+            if peer.state.lock().unwrap().envelopes > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the receipt peer did not subscribe within 30 s"
+        );
     }
 }
 
