@@ -26,6 +26,7 @@
 //! `Access-Control-Allow-Origin`, so a page of another site opened in the
 //! TV's browser cannot post plays or read the stats.
 
+use crate::settings::OriginPattern;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -62,54 +63,6 @@ pub fn router(state: HttpState, max_body_bytes: usize, cors_origins: &[String]) 
         .layer(cors(cors_origins))
         .with_state(state)
         .merge(runtime::http::base_routes())
-}
-
-/// An allowed browser origin: `scheme://host[:port]` exactly, or
-/// `scheme://host:*` for that scheme and host on any port (or none).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OriginPattern {
-    Exact(String),
-    AnyPort(String),
-}
-
-impl OriginPattern {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let t = s.trim().trim_end_matches('/').to_ascii_lowercase();
-        let (base, any_port) = match t.strip_suffix(":*") {
-            Some(b) => (b.to_owned(), true),
-            None => (t.clone(), false),
-        };
-        let rest = base
-            .strip_prefix("http://")
-            .or_else(|| base.strip_prefix("https://"))
-            .ok_or_else(|| format!("'{s}': an origin is http://host[:port] or https://host[:port] (port may be *)"))?;
-        if rest.is_empty() || rest.contains(['/', '*', '?', '#', '@']) {
-            return Err(format!(
-                "'{s}': an origin is scheme://host[:port], without path or wildcard host"
-            ));
-        }
-        Ok(if any_port {
-            OriginPattern::AnyPort(base)
-        } else {
-            OriginPattern::Exact(base)
-        })
-    }
-
-    pub fn matches(&self, origin: &str) -> bool {
-        let origin = origin.to_ascii_lowercase();
-        match self {
-            OriginPattern::Exact(e) => origin == *e,
-            OriginPattern::AnyPort(base) => {
-                origin == *base
-                    || origin
-                        .strip_prefix(base.as_str())
-                        .and_then(|r| r.strip_prefix(':'))
-                        .is_some_and(|port| {
-                            !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
-                        })
-            }
-        }
-    }
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
@@ -297,7 +250,7 @@ async fn stats(State(st): State<HttpState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::OriginPattern;
+    use crate::settings::OriginPattern;
 
     #[test]
     fn origin_patterns_match_exactly_or_any_port() {

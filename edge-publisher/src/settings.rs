@@ -149,7 +149,7 @@ impl Settings {
             anyhow::bail!("batch_max_impressions and max_inflight_batches must be >= 1");
         }
         for o in &self.cors_origins {
-            crate::http::OriginPattern::parse(o).map_err(|m| anyhow::anyhow!("cors_origins: {m}"))?;
+            OriginPattern::parse(o).map_err(|m| anyhow::anyhow!("cors_origins: {m}"))?;
         }
         if !(0.0..=1.0).contains(&self.outbox_warn_ratio) {
             anyhow::bail!("outbox_warn_ratio must be between 0 and 1");
@@ -177,6 +177,54 @@ impl Settings {
 
     pub fn receipt_timeout(&self) -> Duration {
         Duration::from_millis(self.receipt_timeout_ms.max(100))
+    }
+}
+
+/// An allowed browser origin: `scheme://host[:port]` exactly, or
+/// `scheme://host:*` for that scheme and host on any port (or none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OriginPattern {
+    Exact(String),
+    AnyPort(String),
+}
+
+impl OriginPattern {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim().trim_end_matches('/').to_ascii_lowercase();
+        let (base, any_port) = match t.strip_suffix(":*") {
+            Some(b) => (b.to_owned(), true),
+            None => (t.clone(), false),
+        };
+        let rest = base
+            .strip_prefix("http://")
+            .or_else(|| base.strip_prefix("https://"))
+            .ok_or_else(|| format!("'{s}': an origin is http://host[:port] or https://host[:port] (port may be *)"))?;
+        if rest.is_empty() || rest.contains(['/', '*', '?', '#', '@']) {
+            return Err(format!(
+                "'{s}': an origin is scheme://host[:port], without path or wildcard host"
+            ));
+        }
+        Ok(if any_port {
+            OriginPattern::AnyPort(base)
+        } else {
+            OriginPattern::Exact(base)
+        })
+    }
+
+    pub fn matches(&self, origin: &str) -> bool {
+        let origin = origin.to_ascii_lowercase();
+        match self {
+            OriginPattern::Exact(e) => origin == *e,
+            OriginPattern::AnyPort(base) => {
+                origin == *base
+                    || origin
+                        .strip_prefix(base.as_str())
+                        .and_then(|r| r.strip_prefix(':'))
+                        .is_some_and(|port| {
+                            !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+                        })
+            }
+        }
     }
 }
 
