@@ -120,7 +120,7 @@ async fn import_while_the_service_takes_posts_loses_nothing_and_invents_no_dupli
 
 /// An idle service (no POST to wake it) publishes what an import appended
 /// to its file, without a restart: it finds the other process's commit on
-/// its own (`PRAGMA data_version`, polled at half its batch delay).
+/// its own (`PRAGMA data_version`, polled at half its batch delay, at most once a second).
 #[sqlx::test(migrator = "runtime::db::MIGRATOR")]
 async fn an_idle_service_publishes_what_an_import_appended_without_a_restart(pool: PgPool) {
     init();
