@@ -14,7 +14,6 @@ use anyhow::Context;
 use axum::{http::StatusCode, routing::get, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub struct App {
@@ -97,7 +96,7 @@ impl App {
             )
             .route("/metrics", get(move || std::future::ready(prom.render())));
         if let Some(auth) = &self.auth {
-            tokio::spawn(watch_credentials(
+            tokio::spawn(runtime::auth::watch_credentials(
                 Arc::clone(auth),
                 self.settings.credentials_poll_secs,
                 shutdown.clone(),
@@ -107,43 +106,5 @@ impl App {
             .await
             .context("HTTP server")?;
         Ok(())
-    }
-}
-
-/// SIGHUP reloads at once; otherwise the file's mtime is checked every
-/// `poll_secs` (0: only SIGHUP).
-async fn watch_credentials(auth: Arc<Authenticator>, poll_secs: u64, shutdown: CancellationToken) {
-    #[cfg(unix)]
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP; relying on the file watch");
-            None
-        }
-    };
-    let mut tick = tokio::time::interval(Duration::from_secs(poll_secs.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        #[cfg(unix)]
-        let hup_recv = async {
-            match hup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hup_recv = std::future::pending::<Option<()>>();
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = hup_recv => {
-                tracing::info!("SIGHUP: reloading credentials");
-                let a = Arc::clone(&auth);
-                let _ = tokio::task::spawn_blocking(move || a.reload()).await;
-            }
-            _ = tick.tick(), if poll_secs > 0 => {
-                let a = Arc::clone(&auth);
-                let _ = tokio::task::spawn_blocking(move || a.reload_if_changed()).await;
-            }
-        }
     }
 }

@@ -60,7 +60,6 @@ use runtime::credentials::Role;
 use schema::{BodyShape, ParsedBody};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, DeadLetter, Row, Source, WriteSet};
 use crate::Health;
@@ -146,45 +145,6 @@ pub fn router(
         )
         .with_state(ctx)
         .merge(runtime::http::base_routes())
-}
-
-/// Re-reads the credentials file on SIGHUP, and when its content changed
-/// (checked every `poll_secs`; 0: only on SIGHUP), until `shutdown`. A file
-/// that fails to parse leaves the accounts in force.
-pub async fn watch_credentials(accounts: Arc<Authenticator>, poll_secs: u64, shutdown: CancellationToken) {
-    #[cfg(unix)]
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP; relying on the file watch");
-            None
-        }
-    };
-    let mut tick = tokio::time::interval(Duration::from_secs(poll_secs.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        #[cfg(unix)]
-        let hup_recv = async {
-            match hup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hup_recv = std::future::pending::<Option<()>>();
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = hup_recv => {
-                tracing::info!("SIGHUP: reloading credentials");
-                let a = Arc::clone(&accounts);
-                let _ = tokio::task::spawn_blocking(move || a.reload()).await;
-            }
-            _ = tick.tick(), if poll_secs > 0 => {
-                let a = Arc::clone(&accounts);
-                let _ = tokio::task::spawn_blocking(move || a.reload_if_changed()).await;
-            }
-        }
-    }
 }
 
 /// `user:password` of an `Authorization: Basic …` header.

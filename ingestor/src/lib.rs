@@ -136,7 +136,7 @@ impl App {
         } = self;
         tracing::info!(%http_addr, "HTTP listening");
         let watcher = auth.accounts.clone().map(|a| {
-            tokio::spawn(http::watch_credentials(
+            tokio::spawn(runtime::auth::watch_credentials(
                 a,
                 settings.credentials_poll_secs,
                 shutdown.clone(),
